@@ -1,0 +1,545 @@
+"""What every codec shares on the wire: strict JSON, error bodies, body decoding, verdicts.
+
+* :func:`loads_strict` parses untrusted JSON the one way Bastion accepts it:
+  UTF-8 only, no duplicate keys at any depth (two parsers disagreeing on which
+  copy wins is a bypass), no lone surrogates, no NaN/Infinity, bounded nesting.
+  Failures raise :class:`~bastion.errors.ProtocolError` with ``code`` one of
+  ``invalid_json``, ``duplicate_key``, ``invalid_utf8``, ``invalid_unicode``,
+  ``non_finite_number``, ``too_deep``.
+* Error bodies, one builder per protocol: :func:`openai_error`,
+  :func:`anthropic_error`, :func:`jsonrpc_error`, and
+  :func:`protocol_error_body` which maps a ``ProtocolError`` to the body and
+  status a client of that protocol expects.
+* :class:`BodyDecoder` / :func:`decompress`: ``Content-Encoding`` decoding
+  with an output cap (a decompression bomb raises ``ProtocolError`` 413);
+  :func:`can_decode` tells the caller beforehand whether an encoding is
+  understood, so it can refuse or pass the body through uninspected.
+* The small vocabulary the LLM codecs share with their caller:
+  :class:`CallView` (a tool call found in a response), :class:`ResultView`
+  (a tool output found in a request, with its location), :class:`Verdict`
+  (the caller's decision on a call) and :func:`refusal_text`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from bastion.errors import ProtocolError
+from bastion.events import ToolCall, ToolResult
+
+__all__ = [
+    "DEFAULT_MAX_DEPTH",
+    "JSONRPC_INTERNAL_ERROR",
+    "JSONRPC_INVALID_PARAMS",
+    "JSONRPC_INVALID_REQUEST",
+    "JSONRPC_METHOD_NOT_FOUND",
+    "JSONRPC_PARSE_ERROR",
+    "BodyDecoder",
+    "CallView",
+    "Location",
+    "ResultView",
+    "Verdict",
+    "anthropic_error",
+    "can_decode",
+    "decompress",
+    "dumps_compact",
+    "jsonrpc_code_for",
+    "jsonrpc_error",
+    "loads_strict",
+    "openai_error",
+    "parse_arguments",
+    "protocol_error_body",
+    "refusal_text",
+]
+
+DEFAULT_MAX_DEPTH = 64
+
+JSONRPC_PARSE_ERROR = -32700
+JSONRPC_INVALID_REQUEST = -32600
+JSONRPC_METHOD_NOT_FOUND = -32601
+JSONRPC_INVALID_PARAMS = -32602
+JSONRPC_INTERNAL_ERROR = -32603
+# MCP 2026-07-28: HTTP headers disagree with the body.
+JSONRPC_HEADER_MISMATCH = -32020
+
+_PARSE_LEVEL_CODES = frozenset(
+    {
+        "invalid_json",
+        "duplicate_key",
+        "invalid_utf8",
+        "invalid_unicode",
+        "non_finite_number",
+        "too_deep",
+    }
+)
+
+# ---------------------------------------------------------------- strict JSON
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ProtocolError(f"duplicate key {key!r} in JSON object", code="duplicate_key")
+            seen.add(key)
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise ProtocolError(f"{name} is not valid JSON", code="non_finite_number")
+
+
+def _check_depth(raw: bytes, max_depth: int) -> None:
+    # Cheap upper bound first: fewer openers than the limit cannot nest deeper.
+    if raw.count(b"[") + raw.count(b"{") <= max_depth:
+        return
+    skeleton = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    if max(itertools.accumulate(_DEPTH_STEP[b] for b in skeleton), default=0) > max_depth:
+        raise ProtocolError(f"JSON nested deeper than {max_depth}", code="too_deep")
+
+
+def _check_strings(value: Any) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            item.encode("utf-8")
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                key.encode("utf-8")
+                stack.append(sub)
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def loads_strict(data: bytes | str, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+    """Parse untrusted JSON, rejecting anything two parsers could read differently."""
+    if isinstance(data, str):
+        try:
+            raw = data.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ProtocolError(
+                "JSON text contains a lone surrogate", code="invalid_unicode"
+            ) from exc
+        text = data
+    else:
+        raw = bytes(data)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("body is not valid UTF-8", code="invalid_utf8") from exc
+    if text.startswith("\ufeff"):
+        raise ProtocolError("JSON text must not start with a byte order mark", code="invalid_json")
+    _check_depth(raw, max_depth)
+    try:
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except ProtocolError:
+        raise
+    except RecursionError as exc:
+        raise ProtocolError("JSON nested too deeply", code="too_deep") from exc
+    except ValueError as exc:
+        raise ProtocolError(f"malformed JSON: {exc}", code="invalid_json") from exc
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            _check_strings(value)
+        except UnicodeEncodeError as exc:
+            raise ProtocolError(
+                "JSON string contains a lone surrogate", code="invalid_unicode"
+            ) from exc
+    return value
+
+
+def dumps_compact(value: Any) -> bytes:
+    """Serialise to compact UTF-8 JSON (no NaN, no ASCII escaping)."""
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+            "utf-8"
+        )
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise ProtocolError(
+            f"value cannot be serialised as JSON: {exc}", code="invalid_json"
+        ) from exc
+
+
+def parse_arguments(raw: str) -> tuple[dict[str, Any], str | None]:
+    """Parse tool-call arguments text: (arguments, None) or ({}, why they are unusable).
+
+    Empty text counts as ``{}`` (models send it for tools without parameters).
+    """
+    if raw.strip() == "":
+        return {}, None
+    try:
+        value = loads_strict(raw)
+    except ProtocolError as exc:
+        return {}, f"arguments are not valid JSON ({exc.code}: {exc.message})"
+    if not isinstance(value, dict):
+        return {}, "arguments are not a JSON object"
+    return value, None
+
+
+# ---------------------------------------------------------------- shared codec vocabulary
+
+Location = tuple[str | int, ...]
+"""A path into a parsed body: keys and list indexes, outermost first."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallView:
+    """A tool call found in a model response.
+
+    ``call`` carries the parsed arguments (``{}`` when they are unusable);
+    ``error`` says why when the arguments are not a JSON object, and then the
+    caller must deny the call. ``raw_arguments`` is the text the model sent.
+    ``position`` orders calls within a response (choice index and call index
+    for OpenAI chat, output index for Responses, content block index for
+    Anthropic).
+    """
+
+    call: ToolCall
+    raw_arguments: str
+    error: str | None = None
+    position: tuple[int, ...] = ()
+
+    @property
+    def valid(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class ResultView:
+    """A tool's output found in a request's conversation.
+
+    ``result.name`` and ``result.arguments`` come from the call that produced
+    it; ``traced`` is False when no earlier call with that id exists (the name
+    is then empty: treat such output as untrusted). ``location`` points at the
+    content to hand to ``replace_tool_result``.
+    """
+
+    result: ToolResult
+    location: Location
+    traced: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The caller's decision on one tool call: let it through, or replace it by ``text``."""
+
+    allow: bool
+    text: str = ""
+
+    @classmethod
+    def allowed(cls) -> Verdict:
+        return cls(True)
+
+    @classmethod
+    def refused(cls, text: str) -> Verdict:
+        return cls(False, text)
+
+
+def refusal_text(tool: str, reason: str, *, approval_id: str | None = None) -> str:
+    """The assistant text that stands in for a refused tool call."""
+    if approval_id is not None:
+        return (
+            f"[bastion] The call to tool '{tool}' needs approval before it can run: {reason} "
+            f"(approval id {approval_id})."
+        )
+    return f"[bastion] The call to tool '{tool}' was blocked by policy: {reason}."
+
+
+# ---------------------------------------------------------------- error bodies
+
+_OPENAI_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def openai_error(
+    message: str, *, type: str = "invalid_request_error", code: str | None = None
+) -> dict[str, Any]:
+    """An OpenAI API error body: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type, "param": None, "code": code}}
+
+
+def anthropic_error(message: str, *, type: str = "invalid_request_error") -> dict[str, Any]:
+    """An Anthropic API error body: ``{"type": "error", "error": {"type", "message"}}``."""
+    return {"type": "error", "error": {"type": type, "message": message}}
+
+
+def jsonrpc_error(
+    request_id: str | int | None, code: int, message: str, data: Any = None
+) -> dict[str, Any]:
+    """A JSON-RPC 2.0 error response (``id`` is null when the request's id is unknown)."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+def jsonrpc_code_for(exc: ProtocolError) -> int:
+    """The JSON-RPC error code for a protocol error (parse-level, header mismatch, or invalid request)."""
+    if exc.code in _PARSE_LEVEL_CODES:
+        return JSONRPC_PARSE_ERROR
+    if exc.code == "header_mismatch":
+        return JSONRPC_HEADER_MISMATCH
+    return JSONRPC_INVALID_REQUEST
+
+
+def protocol_error_body(
+    protocol: Literal["openai", "anthropic", "jsonrpc"],
+    exc: ProtocolError,
+    *,
+    request_id: str | int | None = None,
+) -> tuple[int, bytes]:
+    """(HTTP status, JSON body) answering ``exc`` in the client's protocol.
+
+    JSON-RPC errors go out with status 200 when they answer a request whose id
+    is known, else with the error's own status, as MCP servers do.
+    """
+    if protocol == "openai":
+        body = openai_error(
+            exc.message, type=_OPENAI_TYPES.get(exc.status, "invalid_request_error"), code=exc.code
+        )
+        return exc.status, dumps_compact(body)
+    if protocol == "anthropic":
+        kind = _ANTHROPIC_TYPES.get(
+            exc.status, "api_error" if exc.status >= 500 else "invalid_request_error"
+        )
+        return exc.status, dumps_compact(anthropic_error(exc.message, type=kind))
+    status = 200 if request_id is not None else exc.status
+    body = jsonrpc_error(request_id, jsonrpc_code_for(exc), exc.message, {"reason": exc.code})
+    return status, dumps_compact(body)
+
+
+# ---------------------------------------------------------------- content encodings
+
+_ENCODINGS = {"gzip", "x-gzip", "deflate", "br", "zstd", "identity"}
+
+
+def _available(name: str) -> bool:
+    if name == "br":
+        try:
+            import brotli  # noqa: F401
+        except ImportError:
+            return False
+    if name == "zstd":
+        try:
+            import zstandard  # noqa: F401
+        except ImportError:
+            return False
+    return name in _ENCODINGS
+
+
+def _encodings(header: str | None) -> list[str]:
+    if not header:
+        return []
+    return [part.strip().lower() for part in header.split(",") if part.strip()]
+
+
+def can_decode(content_encoding: str | None) -> bool:
+    """True when every coding in a ``Content-Encoding`` value can be decoded here."""
+    return all(_available(name) for name in _encodings(content_encoding))
+
+
+class _Stage:
+    def feed(self, data: bytes, limit: int) -> bytes:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+
+class _ZlibStage(_Stage):
+    def __init__(self, wbits: int, fallback_raw: bool = False) -> None:
+        self._wbits = wbits
+        self._obj = zlib.decompressobj(wbits)
+        self._fallback_raw = fallback_raw
+        self._first = True
+
+    def feed(self, data: bytes, limit: int) -> bytes:
+        out = bytearray()
+        pending = data
+        while pending:
+            try:
+                chunk = self._obj.decompress(pending, limit - len(out) + 1)
+            except zlib.error:
+                if self._first and self._fallback_raw:
+                    # Some servers send raw deflate under "deflate"; accept it as browsers do.
+                    self._fallback_raw = False
+                    self._obj = zlib.decompressobj(-zlib.MAX_WBITS)
+                    continue
+                raise
+            self._first = False
+            out += chunk
+            if len(out) > limit:
+                return bytes(out)
+            pending = self._obj.unconsumed_tail
+            if self._obj.eof and self._obj.unused_data:
+                pending = self._obj.unused_data
+                if self._wbits & 16:
+                    # gzip allows several members back to back.
+                    self._obj = zlib.decompressobj(self._wbits)
+                elif pending.strip(b"\x00"):
+                    raise zlib.error("trailing data after the compressed stream")
+                else:
+                    break
+        return bytes(out)
+
+    def finish(self) -> None:
+        if not self._obj.eof:
+            raise zlib.error("compressed stream is truncated")
+
+
+class _BrotliStage(_Stage):
+    def __init__(self) -> None:
+        import brotli
+
+        self._obj = brotli.Decompressor()
+
+    def feed(self, data: bytes, limit: int) -> bytes:
+        out = bytearray(self._obj.process(data, output_buffer_limit=limit + 1))
+        while len(out) <= limit and not self._obj.can_accept_more_data():
+            more = self._obj.process(b"", output_buffer_limit=limit + 1 - len(out))
+            if not more:
+                break
+            out += more
+        return bytes(out)
+
+    def finish(self) -> None:
+        if not self._obj.is_finished():
+            raise ValueError("brotli stream is truncated")
+
+
+class _CappedSink:
+    """A write target for zstandard that stops decompression past the cap."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.limit = 0
+
+    def write(self, data: bytes) -> int:
+        self.buffer += data
+        if len(self.buffer) > self.limit:
+            raise _OverLimit
+        return len(data)
+
+
+class _OverLimit(Exception):
+    pass
+
+
+class _ZstdStage(_Stage):
+    def __init__(self) -> None:
+        import zstandard
+
+        self._sink = _CappedSink()
+        self._writer = zstandard.ZstdDecompressor().stream_writer(
+            self._sink,  # type: ignore[arg-type]  # any object with write() will do
+            write_size=65536,
+        )
+        self._seen = False
+
+    def feed(self, data: bytes, limit: int) -> bytes:
+        self._sink.limit = limit
+        self._sink.buffer = bytearray()
+        if data:
+            self._seen = True
+        with contextlib.suppress(_OverLimit):
+            self._writer.write(data)
+        return bytes(self._sink.buffer)
+
+    def finish(self) -> None:
+        if not self._seen:
+            raise ValueError("zstd stream is empty")
+
+
+def _stage(name: str) -> _Stage | None:
+    if name in ("gzip", "x-gzip"):
+        return _ZlibStage(16 + zlib.MAX_WBITS)
+    if name == "deflate":
+        return _ZlibStage(zlib.MAX_WBITS, fallback_raw=True)
+    if name == "br" and _available("br"):
+        return _BrotliStage()
+    if name == "zstd" and _available("zstd"):
+        return _ZstdStage()
+    if name == "identity":
+        return None
+    raise ProtocolError(
+        f"unsupported content encoding {name!r}", status=415, code="unsupported_encoding"
+    )
+
+
+class BodyDecoder:
+    """Incremental ``Content-Encoding`` decoder with a cap on the decoded size.
+
+    Codings are undone in reverse order of the header. ``feed`` returns the
+    decoded bytes available so far; ``close`` checks that the stream was
+    complete. Raises ``ProtocolError`` with ``unsupported_encoding`` (415) at
+    construction for a coding this process cannot decode, ``body_too_large``
+    (413) once the output exceeds ``max_size``, ``invalid_encoding`` (400) for
+    corrupt or truncated data.
+    """
+
+    def __init__(self, content_encoding: str | None, *, max_size: int) -> None:
+        self._stages = [
+            s for s in (_stage(name) for name in reversed(_encodings(content_encoding))) if s
+        ]
+        self._max = max_size
+        self._total = 0
+
+    def feed(self, data: bytes) -> bytes:
+        try:
+            for stage in self._stages:
+                data = stage.feed(data, self._max - self._total)
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise ProtocolError(f"body does not decode: {exc}", code="invalid_encoding") from exc
+        self._total += len(data)
+        if self._total > self._max:
+            raise ProtocolError(
+                f"decoded body larger than {self._max} bytes", status=413, code="body_too_large"
+            )
+        return data
+
+    def close(self) -> None:
+        try:
+            for stage in self._stages:
+                stage.finish()
+        except Exception as exc:
+            raise ProtocolError(f"body does not decode: {exc}", code="invalid_encoding") from exc
+
+
+def decompress(data: bytes, content_encoding: str | None, *, max_size: int) -> bytes:
+    """Decode a whole body; see :class:`BodyDecoder` for the errors."""
+    decoder = BodyDecoder(content_encoding, max_size=max_size)
+    out = decoder.feed(data)
+    decoder.close()
+    return out
