@@ -89,7 +89,19 @@ class Identity:
     attributes: Mapping[str, Any] = field(default_factory=dict)
 
     _FIELDS = frozenset(
-        {"sub", "subject", "groups", "roles", "email", "tenant", "key_id", "issuer", "scopes", "auth_method", "anonymous"}
+        {
+            "sub",
+            "subject",
+            "groups",
+            "roles",
+            "email",
+            "tenant",
+            "key_id",
+            "issuer",
+            "scopes",
+            "auth_method",
+            "anonymous",
+        }
     )
 
     def get(self, name: str, default: Any = None) -> Any:
@@ -248,9 +260,10 @@ class RuleTrace:
 class Decision:
     """The outcome of one policy decision.
 
-    ``rule_ids`` and ``reasons`` are those of every matching rule that counts
-    toward the effect (in source order); ``shadow_hits`` are shadow-mode rules
-    that matched but did not change it. ``defaulted`` is true when no rule
+    ``rule_ids`` and ``reasons`` are those of every matching rule that produced
+    the effect (in source order); ``overridden`` the other matching rules whose
+    effect lost (an ``allow`` beaten by a ``forbid``); ``shadow_hits`` are
+    shadow-mode rules that matched but did not change it. ``defaulted`` is true when no rule
     matched. Result decisions carry what the codecs need to rewrite the output:
     ``redact_patterns`` and ``paths`` (JSON paths with their own trust class), and
     ``options`` (quarantine schema and the like). ``trace`` is set with ``explain``.
@@ -261,6 +274,7 @@ class Decision:
     rule_ids: tuple[str, ...] = ()
     reasons: tuple[str, ...] = ()
     shadow_hits: tuple[str, ...] = ()
+    overridden: tuple[str, ...] = ()
     defaulted: bool = False
     route: str | None = None
     redact_patterns: tuple[str, ...] = ()
