@@ -27,9 +27,12 @@ import itertools
 import json
 import re
 import zlib
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from bastion.adapters.sse import SSEEvent, SSEParser
 from bastion.errors import ProtocolError
 from bastion.events import ToolCall, ToolResult
 
@@ -44,6 +47,8 @@ __all__ = [
     "CallView",
     "Location",
     "ResultView",
+    "StreamRewriter",
+    "StreamStep",
     "Verdict",
     "anthropic_error",
     "can_decode",
@@ -543,3 +548,178 @@ def decompress(data: bytes, content_encoding: str | None, *, max_size: int) -> b
     out = decoder.feed(data)
     decoder.close()
     return out
+
+
+# ---------------------------------------------------------------- stream rewriting
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStep:
+    """What a stream rewriter hands back: bytes to send now, and calls awaiting a verdict."""
+
+    output: bytes
+    needs_verdict: tuple[CallView, ...] = ()
+
+
+class _Slot:
+    """One queued piece of output: ready bytes, a held call, or a late-rendered event."""
+
+    __slots__ = ("call", "render", "size", "verdict")
+
+    def __init__(
+        self, render: Callable[[], bytes], size: int, call: CallView | None = None
+    ) -> None:
+        self.render = render
+        self.size = size
+        self.call = call
+        self.verdict: Verdict | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.call is None or self.verdict is not None
+
+
+class StreamRewriter:
+    """Hold-and-verdict machinery shared by the LLM stream rewriters.
+
+    Feed it upstream bytes; it passes events straight through until a tool
+    call starts, holds that call's events until its arguments are complete,
+    then surfaces the call in :attr:`StreamStep.needs_verdict` and keeps
+    everything after it queued, in order, until :meth:`decide` is called.
+    The rewriter never calls out, so verdicts may come from async code::
+
+        step = rewriter.feed(chunk)
+        send(step.output)
+        for view in step.needs_verdict:
+            send(rewriter.decide(view.call.id, await verdict_for(view)).output)
+        ...
+        send(rewriter.close())
+
+    Memory is bounded by ``max_pending`` bytes of held and queued events
+    (``ProtocolError(code="pending_too_large")`` past it) and by
+    ``max_event_size`` for one SSE event. Any malformed event raises
+    ``ProtocolError``; the caller then ends the stream (fail closed).
+    """
+
+    def __init__(
+        self, *, max_pending: int = 4 * 1024 * 1024, max_event_size: int = 4 * 1024 * 1024
+    ) -> None:
+        self._parser = SSEParser(max_event_size=max_event_size)
+        self._queue: deque[_Slot] = deque()
+        self._awaiting: dict[str, _Slot] = {}
+        self._seen_ids: set[str] = set()
+        self._new: list[CallView] = []
+        self._max_pending = max_pending
+        self._pending = 0
+        self._closed = False
+        self._out: list[bytes] = []
+
+    # -- public surface
+
+    def feed(self, chunk: bytes) -> StreamStep:
+        """Parse ``chunk``; return what may be sent now and the calls now complete."""
+        if self._closed:
+            raise ProtocolError("stream already closed", code="stream_closed")
+        for event in self._parser.feed(chunk):
+            if event.data is None:
+                continue
+            self._on_event(event)
+        return self._step()
+
+    def decide(self, call_id: str, verdict: Verdict) -> StreamStep:
+        """Record the verdict for a surfaced call; return the output it releases."""
+        slot = self._awaiting.pop(call_id, None)
+        if slot is None:
+            raise KeyError(f"no tool call {call_id!r} is awaiting a verdict")
+        slot.verdict = verdict
+        return self._step()
+
+    def close(self) -> bytes:
+        """Upstream ended. Returns the last bytes; raises if the stream was cut or left undecided."""
+        self._parser.close()
+        self._on_end()
+        self._closed = True
+        step = self._step()
+        if step.needs_verdict or self._awaiting or self._queue:
+            raise ProtocolError(
+                "stream ended with tool calls undecided", status=502, code="undecided_calls"
+            )
+        return step.output
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes currently held back from the client."""
+        return self._pending
+
+    # -- for subclasses
+
+    def _on_event(self, event: SSEEvent) -> None:
+        raise NotImplementedError
+
+    def _on_end(self) -> None:
+        """Check the stream ended where it may end; raise ProtocolError otherwise."""
+
+    @property
+    def _holding(self) -> bool:
+        return bool(self._queue)
+
+    def _emit(self, data: bytes) -> None:
+        if self._queue:
+            self._enqueue(_Slot(lambda: data, len(data)))
+        else:
+            self._out.append(data)
+
+    def _emit_later(self, render: Callable[[], bytes], size: int) -> None:
+        self._enqueue(_Slot(render, size))
+
+    def _hold(self, render: Callable[[Verdict], bytes], size: int) -> _Slot:
+        slot = _Slot(lambda: b"", size)
+        slot.render = lambda: render(slot.verdict or Verdict.refused(""))
+        slot.call = _PLACEHOLDER
+        self._enqueue(slot)
+        return slot
+
+    def _grow(self, slot: _Slot, size: int) -> None:
+        slot.size += size
+        self._account(size)
+
+    def _complete(self, slot: _Slot, view: CallView) -> None:
+        call_id = view.call.id
+        if not call_id:
+            raise ProtocolError("tool call without an id", status=502, code="invalid_tool_call")
+        if call_id in self._seen_ids:
+            raise ProtocolError(
+                f"tool call id {call_id!r} repeated", status=502, code="invalid_tool_call"
+            )
+        self._seen_ids.add(call_id)
+        slot.call = view
+        self._awaiting[call_id] = slot
+        self._new.append(view)
+
+    # -- internals
+
+    def _enqueue(self, slot: _Slot) -> None:
+        self._queue.append(slot)
+        self._account(slot.size)
+
+    def _account(self, size: int) -> None:
+        self._pending += size
+        if self._pending > self._max_pending:
+            raise ProtocolError(
+                f"more than {self._max_pending} bytes held while tool calls are pending",
+                status=502,
+                code="pending_too_large",
+            )
+
+    def _step(self) -> StreamStep:
+        out = self._out
+        while self._queue and self._queue[0].ready:
+            slot = self._queue.popleft()
+            self._pending -= slot.size
+            out.append(slot.render())
+        self._out = []
+        new, self._new = tuple(self._new), []
+        return StreamStep(b"".join(out), new)
+
+
+_PLACEHOLDER = CallView(ToolCall(id="", name="", arguments={}), raw_arguments="")
