@@ -28,7 +28,7 @@ from bastion.identity import IdentityConfig, IdentityResolver, IssuerConfig
 ISSUER = "https://idp.test"
 AUDIENCE = "bastion"
 CLIENT_ID = "bastion-gateway"
-CLIENT_SECRET = "gateway-secret"  # noqa: S105 - test fixture credential
+CLIENT_SECRET = "gateway-secret"
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 
 
