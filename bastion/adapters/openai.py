@@ -375,7 +375,7 @@ class ChatStreamRewriter(StreamRewriter):
         super().__init__(max_pending=max_pending, max_event_size=max_event_size)
         self._choices: dict[int, _ChoiceState] = {}
         self._done = False
-        self._finished: set[int] = set()
+        self._text_seen = False
 
     def _choice(self, index: int) -> _ChoiceState:
         state = self._choices.get(index)
@@ -403,11 +403,8 @@ class ChatStreamRewriter(StreamRewriter):
             and b"function_call" not in raw
             and b"\\u" not in raw
         ):
-            if b'"content":"' in raw:
-                for state in self._choices.values():
-                    state.had_content = True
-                if not self._choices:
-                    self._choice(0).had_content = True
+            if b'"content"' in raw:
+                self._text_seen = True
             self._emit(encode_event(event))
             return
         chunk = loads_strict(raw)
@@ -537,7 +534,8 @@ class ChatStreamRewriter(StreamRewriter):
             state.allowed += 1
             delta: dict[str, Any] = {"tool_calls": [fragment]}
         else:
-            delta = {"content": ("\n\n" if state.had_content else "") + verdict.text}
+            separator = "\n\n" if state.had_content or self._text_seen else ""
+            delta = {"content": separator + verdict.text}
             state.had_content = True
         chunk = {
             **call.envelope,
