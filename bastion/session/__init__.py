@@ -85,6 +85,7 @@ from bastion.session.keys import SessionKey, canonical_json, digest
 from bastion.session.limits import LimitStatus, RateLimiter
 from bastion.session.memory import MemoryStore
 from bastion.session.pins import PinReport, ToolPins, tool_fingerprint
+from bastion.session.redis_store import RedisStore  # imports redis-py only when constructed
 from bastion.session.store import SessionStore, WindowCount, open_store
 from bastion.session.taint import TaintState, TaintTracker
 
@@ -115,15 +116,6 @@ __all__ = [
     "open_store",
     "tool_fingerprint",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # RedisStore pulls in redis-py, an optional extra: import it only on use.
-    if name == "RedisStore":
-        from bastion.session.redis_store import RedisStore
-
-        return RedisStore
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,9 @@ MALLORY = Identity(subject="mallory", tenant="acme")
 
 
 def test_canonical_json_sorts_keys_and_drops_whitespace() -> None:
-    assert canonical_json({"b": [1, {"d": 2, "c": 3}], "a": "x"}) == '{"a":"x","b":[1,{"c":3,"d":2}]}'
+    assert (
+        canonical_json({"b": [1, {"d": 2, "c": 3}], "a": "x"}) == '{"a":"x","b":[1,{"c":3,"d":2}]}'
+    )
 
 
 def test_canonical_json_normalises_unicode_to_nfc() -> None:

@@ -9,7 +9,11 @@ from bastion.session import ToolPins, tool_fingerprint
 
 from .conftest import Backend
 
-SCHEMA = {"type": "object", "properties": {"repo": {"type": "string"}}, "required": ["repo"]}
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"repo": {"type": "string"}},
+    "required": ["repo"],
+}
 
 
 def tools(**overrides: Any) -> list[dict[str, Any]]:

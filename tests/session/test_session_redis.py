@@ -23,7 +23,9 @@ ARGS = {"to": "bob@example.com", "body": "hi"}
 
 
 @pytest.fixture
-async def two_processes(redis_server: RedisServer) -> AsyncIterator[tuple[SessionServices, SessionServices]]:
+async def two_processes(
+    redis_server: RedisServer,
+) -> AsyncIterator[tuple[SessionServices, SessionServices]]:
     """Two independent stores on one Redis, as two Bastion processes would have."""
     prefix = f"shared-{uuid.uuid4().hex}:"
     first = SessionServices.over(RedisStore(redis_server.url, prefix=prefix, timeout=1.0))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 
@@ -100,9 +102,9 @@ async def test_incr_window_by_zero_reads_without_creating(backend: Backend) -> N
 
 
 async def test_a_new_window_starts_from_zero(backend: Backend) -> None:
-    await backend.store.incr_window("c", 0.5, 3)
-    await backend.advance(0.5)
-    assert (await backend.store.incr_window("c", 0.5, 1)).total == 1
+    await backend.store.incr_window("c", 60, 3)
+    backend.advance_clock(60)
+    assert (await backend.store.incr_window("c", 60, 1)).total == 1
 
 
 async def test_concurrent_increments_with_limit_apply_exactly_up_to_it(backend: Backend) -> None:
@@ -178,3 +180,26 @@ def test_open_store_picks_the_backend_from_the_url() -> None:
     assert isinstance(open_store("redis://127.0.0.1:1/0"), RedisStore)
     with pytest.raises(ValueError, match="unknown session store URL"):
         open_store("postgres://db")
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+
+
+def test_importing_the_session_package_does_not_import_redis() -> None:
+    result = run_python("import sys, bastion.session; print('redis' in sys.modules)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_a_redis_store_without_redis_py_names_the_extra_to_install() -> None:
+    result = run_python(
+        "import sys; sys.modules['redis'] = None; sys.modules['redis.asyncio'] = None\n"
+        "from bastion.session import RedisStore\n"
+        "try:\n"
+        "    RedisStore('redis://127.0.0.1:1/0')\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'bastion-guard[redis]'" in result.stdout

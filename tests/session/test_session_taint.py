@@ -69,12 +69,12 @@ async def test_taint_expires_after_its_ttl(backend: Backend) -> None:
 
 
 async def test_a_new_mark_extends_the_taint(backend: Backend) -> None:
-    taint = TaintTracker(backend.store, ttl=0.4)
+    taint = TaintTracker(backend.store, ttl=0.6)
     key = SessionKey.for_identity(ALICE)
     await taint.mark_tainted(key, "web__fetch")
-    await backend.advance(0.25)
+    await backend.advance(0.35)
     await taint.mark_tainted(key, "mail__read")
-    await backend.advance(0.25)
+    await backend.advance(0.35)
     assert (await taint.get_taint(key)).sources == {"web__fetch", "mail__read"}
 
 
