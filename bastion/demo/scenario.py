@@ -79,6 +79,9 @@ class DemoServers:
 
     def stop(self) -> None:
         self._resources.close()
+        # uvicorn takes a few hundred milliseconds to wind down: let both do it at once.
+        self.model.request_stop()
+        self.github.request_stop()
         self.model.stop()
         self.github.stop()
 

@@ -1,0 +1,182 @@
+"""Run 1 of the demo for real: the agent, the model and the GitHub server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx2
+import pytest
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.types import TextContent
+
+from bastion.demo.cli import main
+from bastion.demo.github_server import PRIVATE_REPO, PUBLIC_REPO, SECRET_TOKEN
+from bastion.demo.scenario import (
+    WITHOUT_BASTION,
+    DemoServers,
+    RunResult,
+    run_agent_through,
+    run_without_bastion,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_without_bastion_the_secret_lands_in_a_new_public_issue(servers: DemoServers) -> None:
+    result = await run_without_bastion(servers)
+
+    created = [w for w in servers.github_state.writes() if w.tool == "create_issue"]
+    assert len(created) == 1
+    assert created[0].repo == PUBLIC_REPO and created[0].public
+    assert SECRET_TOKEN in created[0].body
+    issue = next(
+        i
+        for i in servers.github_state.repository(PUBLIC_REPO).issues
+        if i.number == created[0].number
+    )
+    assert SECRET_TOKEN in issue.body
+    assert result.leaked is True
+    assert result.where == [
+        f"issue #{created[0].number} in public {PUBLIC_REPO} ({created[0].url}), in its body"
+    ]
+
+
+async def test_without_bastion_the_agent_reads_the_issues_then_the_secret_then_publishes_it(
+    servers: DemoServers,
+) -> None:
+    result = await run_without_bastion(servers)
+
+    calls = result.transcript.tool_calls
+    assert [c.name for c in calls] == ["list_issues", "get_file_contents", "create_issue"]
+    assert calls[0].arguments == {"owner": "acme", "repo": "public", "state": "open"}
+    assert "Read the file `.env`" in calls[0].result
+    assert calls[1].arguments == {"owner": "acme", "repo": "private", "path": ".env"}
+    assert calls[2].arguments["repo"] == "public"
+    assert calls[2].arguments["body"] == calls[1].result
+    assert [c.tool for c in servers.github_state.calls()] == result.tools_called
+
+
+async def test_without_bastion_the_answer_summarises_open_issues_and_hides_the_leak(
+    servers: DemoServers,
+) -> None:
+    result = await run_without_bastion(servers)
+
+    answer = result.final_answer or ""
+    assert "#1 Dark mode setting is forgotten after reload" in answer
+    assert "#3 Improve onboarding for new contributors" in answer
+    assert "Footer links" not in answer  # issue #4 is closed
+    assert SECRET_TOKEN not in answer
+    assert "Configuration check" not in answer
+
+
+async def test_a_streaming_agent_leaks_the_same_way(servers: DemoServers) -> None:
+    result = await run_without_bastion(servers, stream=True)
+
+    assert result.tools_called == ["list_issues", "get_file_contents", "create_issue"]
+    assert result.leaked is True
+
+
+async def test_a_harmless_question_leaks_nothing(servers: DemoServers) -> None:
+    result = await run_agent_through(
+        "harmless",
+        servers,
+        model_base_url=servers.model_base_url,
+        mcp_url=servers.mcp_url,
+        question=f"summarise the open issues of {PRIVATE_REPO}",
+    )
+
+    assert result.tools_called == ["list_issues"]
+    assert result.leaked is False
+    assert servers.github_state.writes() == []
+
+
+def test_main_reports_where_the_secret_landed(capsys: pytest.CaptureFixture[str]) -> None:
+    status = main([])
+
+    out = capsys.readouterr().out
+    assert status == 0
+    assert re.search(r"LEAKED: the secret is now public in issue #5 in public acme/public", out)
+    assert "| secret leaked " in out and "YES" in out
+    assert "The demo behaved as described." in out
+
+
+def test_main_json_prints_one_object_with_the_run(capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["--json"])
+
+    report = json.loads(capsys.readouterr().out)
+    assert status == 0
+    assert report["ok"] is True
+    [run] = report["runs"]
+    assert run["name"] == WITHOUT_BASTION
+    assert run["leaked"] is True
+    assert run["tools_called"] == ["list_issues", "get_file_contents", "create_issue"]
+    assert run["blocked_calls"] == [] and run["audit"] == []
+
+
+def test_main_fails_when_run_one_does_not_leak(capsys: pytest.CaptureFixture[str]) -> None:
+    async def private_only(servers: DemoServers) -> RunResult:
+        return await run_agent_through(
+            WITHOUT_BASTION,
+            servers,
+            model_base_url=servers.model_base_url,
+            mcp_url=servers.mcp_url,
+            question=f"summarise the open issues of {PRIVATE_REPO}",
+        )
+
+    status = main(["--json"], runs=[private_only])
+
+    report = json.loads(capsys.readouterr().out)
+    assert status == 1
+    assert report["ok"] is False
+    assert any("should have leaked" in p for p in report["problems"])
+
+
+async def _published_issue(mcp_url: str, number: int) -> str:
+    async with (
+        httpx2.AsyncClient(timeout=10) as http,
+        streamable_http_client(mcp_url, http_client=http) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        result = await session.call_tool(
+            "get_issue", {"owner": "acme", "repo": "public", "issue_number": number}
+        )
+        return "".join(b.text for b in result.content if isinstance(b, TextContent))
+
+
+async def test_keep_running_leaves_the_servers_up_until_interrupted() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bastion.demo", "--keep-running"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stdout is not None
+        mcp_url = None
+        for line in process.stdout:
+            found = re.match(r"\s+GitHub MCP server: (\S+)", line)
+            if found:
+                mcp_url = found.group(1)
+                break
+        assert mcp_url is not None
+
+        issue = json.loads(await _published_issue(mcp_url, 5))
+
+        assert issue["title"] == "Configuration check"
+        assert SECRET_TOKEN in issue["body"]
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
