@@ -200,7 +200,7 @@ class ApprovalService:
             # The pointer outlived its record (or raced with a decision): replace it.
             await self._store.set(self._pending_for(binding), approval.id.encode(), ttl)
         await self._store.set(self._record(approval.id), approval.encode(), ttl)
-        await self._store.set_add(_PENDING_INDEX, [approval.id.encode()], max(ttl, self._grant_ttl))
+        await self._store.set_add(_PENDING_INDEX, [approval.id.encode()], ttl)
         return approval
 
     async def create_approval(

@@ -187,6 +187,8 @@ class MemoryStore:
                 raise self._kind_error(key, "set")
             current = entry.value if entry is not None else frozenset()
             assert isinstance(current, frozenset)
+            if entry is not None:
+                expires = max(expires, entry.expires_at)
             self._store(key, _Entry(current | frozenset(members), expires))
 
     async def set_remove(self, key: str, members: list[bytes]) -> None:

@@ -86,7 +86,7 @@ class SessionStore(Protocol):
         ...
 
     async def set_add(self, key: str, members: list[bytes], ttl: float) -> None:
-        """Add members to the set at ``key`` and refresh its TTL."""
+        """Add members to the set at ``key``; its TTL becomes at least ``ttl`` (never shorter)."""
         ...
 
     async def set_remove(self, key: str, members: list[bytes]) -> None:

@@ -191,3 +191,11 @@ async def test_arguments_without_a_canonical_form_are_refused(backend: Backend) 
     svc = service(backend)
     with pytest.raises(ValueError):
         await svc.create(AGENT, TOOL, {"n": float("inf")})
+
+
+async def test_a_short_lived_approval_does_not_hide_a_long_lived_one(backend: Backend) -> None:
+    svc = service(backend)
+    long_lived = await svc.create(AGENT, TOOL, ARGS, ttl=60)
+    await svc.create(AGENT, TOOL, {**ARGS, "body": "short"}, ttl=0.3)
+    await backend.advance(0.45)
+    assert [a.id for a in await svc.pending()] == [long_lived.id]

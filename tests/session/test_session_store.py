@@ -203,3 +203,10 @@ def test_a_redis_store_without_redis_py_names_the_extra_to_install() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "pip install 'bastion-guard[redis]'" in result.stdout
+
+
+async def test_set_add_never_shortens_the_sets_ttl(backend: Backend) -> None:
+    await backend.store.set_add("s", [b"a"], 60)
+    await backend.store.set_add("s", [b"b"], 0.3)
+    await backend.advance(0.45)
+    assert await backend.store.set_members("s") == {b"a", b"b"}
