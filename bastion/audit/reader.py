@@ -324,13 +324,18 @@ def _diagnose(log: AuditLog, index: int, expected: str) -> tuple[int, str]:
     prev = str(here.get("prev_hash"))
     if positions.get(hashes[index], index) < index:
         return index, "duplicate of an earlier record (copied into the log)"
+    where = positions.get(prev)
+    if where is not None and where > index:
+        return index, (
+            f"out of order: it follows record {records[where].get('id')}, which comes later "
+            "in the log (records were reordered)"
+        )
     nxt = records[index + 1] if index + 1 < len(records) else None
     if nxt is not None and nxt.get("prev_hash") == expected:
         return (
             index,
             "inserted: not part of the chain (the record after it continues from the one before it)",
         )
-    where = positions.get(prev)
     if where is None:
         if index == 0:
             return (
@@ -340,11 +345,6 @@ def _diagnose(log: AuditLog, index: int, expected: str) -> tuple[int, str]:
         return index, (
             "chain broken before this record: the record(s) it follows were deleted, "
             f"or the preceding record {records[index - 1].get('id')} was altered"
-        )
-    if where > index:
-        return index, (
-            f"out of order: it follows record {records[where].get('id')}, which comes later "
-            "in the log (records were reordered)"
         )
     return where + 1, (
         f"inserted: not part of the chain (record {here.get('id')} continues from "
