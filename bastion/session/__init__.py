@@ -5,7 +5,13 @@ Everything stateful in Bastion goes through one :class:`SessionStore`:
 processes or hosts; extra ``[redis]``, imported only when used). A store
 failure - Redis unreachable, a timeout, malformed data, a full memory store -
 raises :class:`bastion.errors.StoreError`; callers must then deny. No method
-returns "no state" on error.
+returns "no state" on error. Arguments with no canonical JSON form (NaN, non-JSON
+values) raise :class:`ValueError` from the approval methods: deny those too.
+
+A :class:`MemoryStore` may be shared by threads and event loops. A
+:class:`RedisStore` belongs to the event loop that first uses it (redis-py's
+asyncio pool); create one per loop. Run Redis with ``maxmemory-policy
+noeviction`` so memory pressure fails writes (closed) instead of evicting state.
 
 Quick start::
 

@@ -95,7 +95,8 @@ class RedisStore:
     use this process's clock; keep the hosts' clocks in sync (NTP).
 
     ``client`` may be a ready ``redis.asyncio.Redis`` (then ``url`` is ignored
-    and the caller owns it).
+    and the caller owns it). Like redis-py's asyncio client, a store belongs to
+    the event loop that first uses it.
     """
 
     def __init__(
