@@ -40,6 +40,10 @@ downgraded to anonymous.
 - On-behalf-of: :class:`TokenExchanger` (RFC 8693);
   ``(await exchanger.exchange(auth.token, audience)).authorization()`` is the
   upstream ``Authorization`` value. Failure is 503, never a service credential.
+
+The resolver does not build the vault or the exchanger: construct them from
+``IdentityConfig.vault`` / ``IdentityConfig.token_exchange`` where they are used
+(``ProviderKeyVault(config.vault)``, ``TokenExchanger(config.token_exchange)``).
 """
 
 from __future__ import annotations

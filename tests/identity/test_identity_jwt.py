@@ -346,3 +346,26 @@ async def test_bad_credential_is_refused_even_when_anonymous_is_allowed(idp: IdP
     resolver = IdentityResolver(IdentityConfig(issuers=[issuer_config(idp)], allow_anonymous=True))
     await _refused(resolver, idp.token(aud="elsewhere"))
     await resolver.aclose()
+
+
+async def test_expired_jwks_is_not_used_when_refresh_fails_by_default(idp: IdP) -> None:
+    resolver = IdentityResolver(
+        IdentityConfig(issuers=[issuer_config(idp, jwks_cache_ttl_seconds=0.2)])
+    )
+    await resolver.resolve(bearer(idp.token(sub="before")))
+    idp.state.jwks_status = 503
+    await asyncio.sleep(0.35)
+    with pytest.raises(IdentityUnavailable):
+        await resolver.resolve(bearer(idp.token(sub="after")))
+    await resolver.aclose()
+
+
+async def test_stale_if_error_keeps_last_keys_for_the_configured_time(idp: IdP) -> None:
+    config = issuer_config(idp, jwks_cache_ttl_seconds=0.2, jwks_stale_if_error_seconds=60)
+    resolver = IdentityResolver(IdentityConfig(issuers=[config]))
+    await resolver.resolve(bearer(idp.token(sub="before")))
+    idp.state.jwks_status = 503
+    await asyncio.sleep(0.35)
+    assert (await resolver.resolve(bearer(idp.token(sub="after")))).subject == "after"
+    assert idp.state.jwks_hits == 2
+    await resolver.aclose()
