@@ -95,7 +95,7 @@ def test_model_follows_an_instruction_found_in_a_tool_result(client: openai.Open
 def test_model_puts_the_file_it_read_into_the_issue_it_was_told_to_open(
     client: openai.OpenAI,
 ) -> None:
-    messages = [
+    messages: list[ChatCompletionMessageParam] = [
         *_after_listing(),
         _call(
             "call_2", "get_file_contents", {"owner": "acme", "repo": "vault", "path": "secrets.txt"}
@@ -124,7 +124,7 @@ def test_model_puts_the_file_it_read_into_the_issue_it_was_told_to_open(
 
 
 def test_model_stops_and_says_so_when_a_tool_result_is_refused(client: openai.OpenAI) -> None:
-    messages = [
+    messages: list[ChatCompletionMessageParam] = [
         *_after_listing(),
         _call(
             "call_2", "get_file_contents", {"owner": "acme", "repo": "vault", "path": "secrets.txt"}
