@@ -148,6 +148,10 @@ class ProtectedResourceConfig(_Model):
     authorization_servers: list[str] = Field(min_length=1)
     scopes_supported: list[str] = []
     bearer_methods_supported: list[str] = ["header"]
+    required_scopes: list[str] = Field(
+        default=[],
+        description="scopes every bearer JWT must carry (403 insufficient_scope otherwise); keys are exempt",
+    )
     resource_name: str | None = None
     resource_documentation: str | None = None
     metadata_url: str | None = Field(

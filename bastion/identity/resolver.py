@@ -99,6 +99,9 @@ class IdentityResolver:
         self.jwt = JWTVerifier(config.issuers, self._client)
         self.resource = ProtectedResourceMetadata(config.resource) if config.resource else None
         self._cache: dict[bytes, tuple[float, Authentication]] = {}
+        self._required_scopes = frozenset(
+            config.resource.required_scopes if config.resource else ()
+        )
         self._prefix = config.key_prefix
         self._max = config.max_token_bytes
 
@@ -133,7 +136,12 @@ class IdentityResolver:
             if credential.startswith(self._prefix):
                 return self._key(credential)
             if _JWT_SHAPE.fullmatch(credential):
-                return await self._bearer(credential)
+                auth = await self._bearer(credential)
+                if self._required_scopes and not self._required_scopes.issubset(
+                    auth.identity.scopes
+                ):
+                    raise self._insufficient_scope()
+                return auth
             raise AuthError("unrecognised credential", code="invalid_token")
         except IdentityUnavailable:
             raise
@@ -220,6 +228,19 @@ class IdentityResolver:
         else:
             value = bearer_challenge(error=error, description=description)
         return {"WWW-Authenticate": value}
+
+    def _insufficient_scope(self) -> AuthError:
+        scope = " ".join(sorted(self._required_scopes))
+        assert self.resource is not None
+        challenge = self.resource.challenge(
+            error="insufficient_scope", description="the token lacks a required scope", scope=scope
+        )
+        return AuthError(
+            f"the token lacks a required scope ({scope})",
+            status=403,
+            code="insufficient_scope",
+            headers={"WWW-Authenticate": challenge},
+        )
 
     def _unauthorized(
         self, message: str, *, presented: bool, code: str = "invalid_token"

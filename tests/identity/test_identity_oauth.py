@@ -89,3 +89,16 @@ def test_resource_with_root_path_serves_only_the_bare_well_known_path() -> None:
     assert resolver.resource is not None
     assert resolver.resource.url == "https://api.example/.well-known/oauth-protected-resource"
     assert resolver.resource.paths == ("/.well-known/oauth-protected-resource",)
+
+
+async def test_token_without_required_scope_is_403_insufficient_scope(idp: IdP) -> None:
+    resource = RESOURCE.model_copy(update={"required_scopes": ["mcp:tools"]})
+    resolver = IdentityResolver(IdentityConfig(issuers=[issuer_config(idp)], resource=resource))
+    with pytest.raises(AuthError) as info:
+        await resolver.resolve(bearer(idp.token(scope="mcp:read")))
+    assert info.value.status == 403 and info.value.code == "insufficient_scope"
+    challenge = info.value.headers["WWW-Authenticate"]
+    assert 'error="insufficient_scope"' in challenge and 'scope="mcp:tools"' in challenge
+    identity = await resolver.resolve(bearer(idp.token(scope="mcp:read mcp:tools")))
+    assert "mcp:tools" in identity.scopes
+    await resolver.aclose()

@@ -143,7 +143,7 @@ def test_provider_key_never_appears_in_repr_str_or_logs(
     with pytest.raises(TypeError):
         pickle.dumps(key)
     with pytest.raises(AttributeError):
-        key._secret = "x"  # type: ignore[misc]
+        key._secret = "x"
     assert headers["authorization"] == f"Bearer {OLD_KEY}"
 
 
