@@ -86,14 +86,18 @@ class DemoServers:
         self.github.stop()
 
 
-def start_demo_servers(*, model_api_key: str | None = None) -> DemoServers:
+def start_demo_servers(
+    *, model_api_key: str | None = None, mcp_stateless: bool = False
+) -> DemoServers:
     """Start the GitHub MCP server and the model server on free ports of 127.0.0.1.
 
     With `model_api_key`, the model server accepts only that key (as a provider
-    would), so a run through a gateway can show the key being swapped.
+    would), so a run through a gateway can show the key being swapped. With
+    `mcp_stateless`, the MCP server hands out no ``Mcp-Session-Id``.
     """
     state, log = GitHubState(), ModelLog()
-    github = BackgroundServer(build_github_app(state), name="github-mcp").start()
+    app = build_github_app(state, stateless=mcp_stateless)
+    github = BackgroundServer(app, name="github-mcp").start()
     try:
         model = BackgroundServer(
             build_model_app(api_key=model_api_key, log=log), name="model"
@@ -251,8 +255,9 @@ def _story(run: RunResult, number: int) -> list[str]:
         f"  question: {run.transcript.question}",
     ]
     for step, call in enumerate(run.transcript.tool_calls, 1):
-        marker = "  (error)" if call.is_error else ""
-        lines.append(f"  {step}. {_call_text(call.name, call.arguments)}{marker}")
+        lines.append(f"  {step}. {_call_text(call.name, call.arguments)}")
+        if call.is_error:
+            lines.append(f"       -> {_short(call.result, 100)}")
     answer = run.final_answer or run.transcript.error or "(no answer)"
     lines.append("  answer: " + textwrap.indent(answer, "          ").lstrip())
     if run.leaked:
@@ -265,7 +270,21 @@ def _story(run: RunResult, number: int) -> list[str]:
     return lines
 
 
-def _table(header: list[str], rows: list[list[str]], width: int = 46) -> list[str]:
+def _reported(run: RunResult) -> str:
+    """What the agent told the user beyond its summary: a refusal, an error, or nothing."""
+    if run.transcript.error:
+        return f"error: {run.transcript.error}"
+    if run.transcript.refusal:
+        return f"refusal: {run.transcript.refusal}"
+    answer = run.final_answer or ""
+    notes = [p for p in answer.split("\n\n")[1:] if p.strip()]
+    if notes:
+        return _short(" ".join(notes), 160)
+    first = answer.split("\n", 1)[0]
+    return f"a summary ({_short(first, 60)})" if first else "nothing"
+
+
+def _table(header: list[str], rows: list[list[str]], width: int = 40) -> list[str]:
     cells = [[textwrap.wrap(c, width) or [""] for c in row] for row in [header, *rows]]
     widths = [max(len(line) for row in cells for line in row[i]) for i in range(len(header))]
 
@@ -303,6 +322,7 @@ def render_summary(runs: list[RunResult]) -> str:
         ["tools called", *(joined(run.tools_called) for run in runs)],
         ["tools run by GitHub", *(joined(run.server_calls) for run in runs)],
         ["tools blocked", *(joined([_blocked_text(b) for b in run.blocked_calls]) for run in runs)],
+        ["agent reported", *(_reported(run) for run in runs)],
         ["audit lines", *(joined([_audit_text(a) for a in run.audit]) for run in runs)],
     ]
     lines.extend(_table(header, rows))

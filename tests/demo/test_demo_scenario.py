@@ -9,22 +9,32 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.shared.exceptions import MCPError
 from mcp.types import TextContent
 
 from bastion.demo.cli import main
-from bastion.demo.github_server import PRIVATE_REPO, PUBLIC_REPO, SECRET_TOKEN
+from bastion.demo.github_server import (
+    PRIVATE_REPO,
+    PUBLIC_REPO,
+    SECRET_TOKEN,
+    build_github_server,
+)
 from bastion.demo.scenario import (
+    WITH_BASTION,
     WITHOUT_BASTION,
     DemoServers,
     RunResult,
     run_agent_through,
     run_without_bastion,
 )
+from bastion.demo.serving import BackgroundServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -180,3 +190,63 @@ async def test_keep_running_leaves_the_servers_up_until_interrupted() -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+class _ForbidPublishing:
+    """A stand-in for Bastion in front of the GitHub tools: it refuses create_issue."""
+
+    async def __call__(
+        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext
+    ) -> HandlerResult:
+        if ctx.method == "tools/call" and (ctx.params or {}).get("name") == "create_issue":
+            raise MCPError(-32001, "create_issue is forbidden after untrusted input")
+        return await call_next(ctx)
+
+
+async def _with_stand_in_gateway(servers: DemoServers) -> RunResult:
+    guarded = build_github_server(servers.github_state)
+    guarded.middleware.insert(0, _ForbidPublishing())
+    gateway = BackgroundServer(
+        guarded.streamable_http_app(json_response=True), name="stand-in"
+    ).start()
+    servers.keep("stand-in gateway", f"{gateway.url}/mcp", gateway.stop)
+    result = await run_agent_through(
+        WITH_BASTION, servers, model_base_url=servers.model_base_url, mcp_url=f"{gateway.url}/mcp"
+    )
+    refused = [c for c in result.transcript.tool_calls if c.is_error]
+    result.blocked_calls = [{"tool": c.name, "reason": c.result} for c in refused]
+    result.audit = [{"effect": "forbid", "tool": c.name, "reason": c.result} for c in refused]
+    return result
+
+
+def test_a_second_run_plugs_in_and_both_runs_are_reported(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status = main(["--json"], runs=[run_without_bastion, _with_stand_in_gateway])
+
+    report = json.loads(capsys.readouterr().out)
+    assert status == 0, report["problems"]
+    first, second = report["runs"]
+    assert (first["name"], first["leaked"]) == (WITHOUT_BASTION, True)
+    assert (second["name"], second["leaked"]) == (WITH_BASTION, False)
+    assert second["blocked_calls"] == [
+        {"tool": "create_issue", "reason": "Error: create_issue is forbidden after untrusted input"}
+    ]
+    assert "create_issue" not in second["server_calls"]
+    assert "create_issue was refused" in second["final_answer"]
+
+
+def test_the_table_puts_the_runs_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
+    main([], runs=[run_without_bastion, _with_stand_in_gateway])
+
+    out = capsys.readouterr().out
+    header = next(
+        line for line in out.splitlines() if WITHOUT_BASTION in line and line.startswith("|")
+    )
+    assert WITH_BASTION in header
+    leaked_row = next(line for line in out.splitlines() if line.startswith("| secret leaked"))
+    assert [cell.strip() for cell in leaked_row.strip("|").split("|")] == [
+        "secret leaked",
+        "YES",
+        "no",
+    ]
