@@ -380,12 +380,12 @@ async def test_every_post_of_the_real_client_parses(serve: Any, mode: str) -> No
     recorder = Recorder()
     app = build_server().streamable_http_app()
     with serve(app) as url:
-        async with httpx2.AsyncClient(transport=recorder) as http:
-            async with Client(
-                streamable_http_client(f"{url}/mcp", http_client=http), mode=mode
-            ) as client:  # type: ignore[arg-type]
-                await client.list_tools()
-                await client.call_tool("send_email", {"to": "a@b.c", "body": "hello"})
+        async with (
+            httpx2.AsyncClient(transport=recorder) as http,
+            Client(streamable_http_client(f"{url}/mcp", http_client=http), mode=mode) as client,
+        ):  # type: ignore[arg-type]
+            await client.list_tools()
+            await client.call_tool("send_email", {"to": "a@b.c", "body": "hello"})
     calls = []
     for headers, body in recorder.posts:
         parsed = MCPCodec.parse_post(body, headers)
