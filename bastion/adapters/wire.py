@@ -38,6 +38,7 @@ from bastion.events import ToolCall, ToolResult
 
 __all__ = [
     "DEFAULT_MAX_DEPTH",
+    "JSONRPC_HEADER_MISMATCH",
     "JSONRPC_INTERNAL_ERROR",
     "JSONRPC_INVALID_PARAMS",
     "JSONRPC_INVALID_REQUEST",
