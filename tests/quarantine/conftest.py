@@ -1,0 +1,34 @@
+"""Fixtures for quarantine tests: the naive model server (see naive_model.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+from naive_model import NaiveModel, build_app, free_port
+
+
+@pytest.fixture(scope="session")
+def naive_model() -> Iterator[NaiveModel]:
+    model = NaiveModel(port=free_port())
+    config = uvicorn.Config(
+        build_app(model),
+        host="127.0.0.1",
+        port=model.port,
+        log_level="warning",
+        timeout_graceful_shutdown=1,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("naive model server did not start")
+        time.sleep(0.02)
+    yield model
+    server.should_exit = True
+    thread.join(timeout=5)
