@@ -74,7 +74,8 @@ class Question:
     Build one with ``Question.choice``, ``Question.boolean``, ``Question.number``
     or ``Question.value``. The answer is checked against ``answer_schema``;
     ``render`` turns a checked answer into privileged text (for a choice, the
-    option text the privileged side wrote).
+    option text the privileged side wrote). An unsafe answer schema raises
+    ``UnsafeSchemaError`` (a ValueError) here, at construction.
     """
 
     id: str
@@ -87,6 +88,8 @@ class Question:
         _check_id(self.id, "question id")
         if not isinstance(self.text, str) or not self.text.strip():
             raise ValueError(f"question {self.id!r} needs a text")
+        # Refuse an unsafe answer schema when the question is written, not when asked.
+        SafeSchema(self.answer_schema)
 
     @classmethod
     def choice(cls, id: str, text: str, options: Sequence[str]) -> Question:
@@ -187,7 +190,11 @@ FollowUp = Callable[
 
 @dataclass(frozen=True, slots=True)
 class QuarantineSpec:
-    """What to ask: ``questions`` (with an optional ``follow_up``), or a ``schema`` to fill."""
+    """What to ask: ``questions`` (with an optional ``follow_up``), or a ``schema`` to fill.
+
+    An extraction schema must be a safe object schema; an unsafe one raises
+    ``UnsafeSchemaError`` (a ValueError) here, so a bad policy fails at load time.
+    """
 
     questions: tuple[Question, ...] = ()
     schema: Mapping[str, Any] | None = None
@@ -198,6 +205,10 @@ class QuarantineSpec:
             raise ValueError("a quarantine spec needs either questions or a schema, not both")
         if self.follow_up is not None and self.schema is not None:
             raise ValueError("follow_up applies to questions only")
+        if self.schema is not None:
+            if not isinstance(self.schema, Mapping) or self.schema.get("type") != "object":
+                raise UnsafeSchemaError("unsafe schema at $: extraction needs an object schema")
+            SafeSchema(self.schema)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> QuarantineSpec:

@@ -17,6 +17,7 @@ from bastion.quarantine import (
     QuarantineFailed,
     QuarantineSpec,
     Question,
+    UnsafeSchemaError,
 )
 
 ATTACKER_STRINGS = [
@@ -400,3 +401,18 @@ def test_questions_and_config_are_validated_at_construction() -> None:
         QuarantineConfig(base_url="http://x/v1", model="m", system_prompt="no marker")
     with pytest.raises(ValueError, match="either questions or a schema"):
         QuarantineSpec(questions=(TEAM,), schema=ISSUE_SCHEMA)
+
+
+def test_unsafe_schemas_are_refused_when_the_spec_is_built() -> None:
+    with pytest.raises(UnsafeSchemaError, match="whitespace"):
+        Question.value("why", "Why?", {"type": "string", "pattern": "[a-z ]+", "maxLength": 40})
+    with pytest.raises(UnsafeSchemaError, match="'maximum' is required"):
+        QuarantineSpec.from_options(
+            {"questions": [{"id": "n", "text": "How many?", "type": "number", "minimum": 0}]}
+        )
+    with pytest.raises(UnsafeSchemaError, match="needs an 'enum' or a 'pattern'"):
+        QuarantineSpec.from_options(
+            {"schema": {"type": "object", "properties": {"s": {"type": "string"}}}}
+        )
+    with pytest.raises(UnsafeSchemaError, match="object schema"):
+        QuarantineSpec(schema={"type": "boolean"})
