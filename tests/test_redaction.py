@@ -408,3 +408,14 @@ def test_block_placeholder_names_tool_and_reason() -> None:
     text = block_placeholder("web__fetch", "untrusted\nsource")
     assert text == '[Bastion blocked the output of "web__fetch": untrusted source]'
     assert block_placeholder(None) == "[Bastion blocked the output of a tool: blocked by policy]"
+
+
+@pytest.mark.parametrize("pii", ["+44 20 7946 0958", "jane.doe@mail.example.org"])
+def test_stream_catches_personal_data_split_at_every_position(engine: str, pii: str) -> None:
+    redactor = Redactor(["pii"], engine=engine)  # type: ignore[arg-type]
+    text = f"contact: {pii} thanks\n"
+    expected = redactor.redact(text)
+    assert pii not in expected
+    for cut in range(1, len(text)):
+        joined, _ = run_stream(redactor, [text[:cut], text[cut:]])
+        assert joined == expected, cut
