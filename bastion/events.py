@@ -39,6 +39,7 @@ class EventKind(enum.StrEnum):
     VISIBILITY = "visibility"
     RESULT = "result"
     MODEL = "model"
+    CONTEXT = "context"
 
 
 class Effect(enum.StrEnum):

@@ -1,0 +1,1653 @@
+"""AST -> decision tree: rule indexes and compiled conditions.
+
+Compilation, not interpretation. For every event kind, rules are indexed by
+exact target name (a dict) and by glob (a prefix trie over each glob's literal
+prefix, each hit confirmed by a linear glob match); the candidate list for a
+concrete name is computed once and memoized in a bounded cache.
+
+Conditions are turned into Python source, generated from the AST only (names,
+keys and string literals go through ``repr``; other constants are bound as
+globals of the generated module), and compiled with ``compile``/``exec`` once
+per policy. Identical conditions share one function. The conjuncts of a
+condition that read only ``identity.*`` are split off and evaluated once per
+identity; a repeat identity skips them. So deciding costs a few dict lookups
+plus the candidates' remaining conditions, whatever the total rule count.
+
+The same module holds the slow path used for ``explain=True`` and for
+visibility (partial evaluation with the arguments unknown): an AST walker over
+the same operator functions, so both paths share one definition of every
+operator. ``tests/policy/reference.py`` is an independent interpreter, and the
+differential test checks the two agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from bastion.events import (
+    Decision,
+    Effect,
+    EventKind,
+    Identity,
+    RequestInfo,
+    RuleTrace,
+    ToolSpec,
+    split_tool_name,
+)
+from bastion.policy import ast
+from bastion.policy.diagnostics import Diagnostic, PolicyError
+from bastion.policy.provenance import from_source
+from bastion.policy.regex import Regex, RegexError, compile_regex
+from bastion.policy.schema import Schema
+
+__all__ = [
+    "MISSING",
+    "UNKNOWN",
+    "CRule",
+    "CompiledPolicy",
+    "LimitHit",
+    "compile_policy",
+    "expr_text",
+    "glob_match",
+]
+
+log = logging.getLogger("bastion.policy")
+
+
+class _Sentinel:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def __bool__(self) -> bool:
+        return False
+
+
+MISSING: Final = _Sentinel("MISSING")
+"""The value of an attribute that is not there. Every comparison with it is false."""
+UNKNOWN: Final = _Sentinel("UNKNOWN")
+"""Partial evaluation only: a value (or truth) that depends on the unknown arguments."""
+
+EVALUATION_ERROR = "policy evaluation error"
+CANDIDATE_CACHE_SIZE = 4096
+IDENTITY_CACHE_SIZE = 4096
+PER_LIST_IDENTITY_CACHE = 256
+DECISION_CACHE_SIZE = 256
+
+
+# ---- globs -------------------------------------------------------------------
+
+
+def glob_match(pattern: str, text: str) -> bool:
+    """Whole-string glob: ``*`` any run, ``?`` one character. O(len(p) x len(t)) worst case."""
+    p = t = 0
+    star = -1
+    mark = 0
+    lp, lt = len(pattern), len(text)
+    while t < lt:
+        if p < lp:
+            c = pattern[p]
+            if c == "*":
+                star = p
+                mark = t
+                p += 1
+                continue
+            if c == "?" or c == text[t]:
+                p += 1
+                t += 1
+                continue
+        if star != -1:
+            p = star + 1
+            mark += 1
+            t = mark
+            continue
+        return False
+    while p < lp and pattern[p] == "*":
+        p += 1
+    return p == lp
+
+
+def _literal_prefix(pattern: str) -> str:
+    for i, c in enumerate(pattern):
+        if c in "*?":
+            return pattern[:i]
+    return pattern
+
+
+@dataclass(frozen=True, slots=True)
+class PatternSet:
+    """A ``tools``/``models`` set: membership is a glob match against its patterns."""
+
+    name: str
+    patterns: tuple[str, ...]
+
+    def match(self, name: str) -> bool:
+        return any(glob_match(p, name) for p in self.patterns)
+
+
+# ---- operators (shared by the compiled code and the walker) --------------------
+
+_LISTS = (list, tuple)
+
+
+def _isnum(v: Any) -> bool:
+    t = type(v)
+    if t is int or t is float:
+        return True
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_list(v: Any) -> bool:
+    return isinstance(v, (list, tuple))
+
+
+def struct_eq(a: Any, b: Any) -> bool:
+    """``==``: structural; booleans never equal numbers; MISSING equals nothing."""
+    if a is MISSING or b is MISSING:
+        return False
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if _isnum(a):
+        return _isnum(b) and a == b
+    if isinstance(a, str):
+        return isinstance(b, str) and a == b
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, PatternSet):
+        a = a.patterns
+    if isinstance(b, PatternSet):
+        b = b.patterns
+    if _is_list(a):
+        return _is_list(b) and len(a) == len(b) and all(map(struct_eq, a, b))
+    if isinstance(a, Mapping):
+        if not isinstance(b, Mapping) or len(a) != len(b):
+            return False
+        return all(k in b and struct_eq(v, b[k]) for k, v in a.items())
+    if isinstance(a, (set, frozenset)):
+        return isinstance(b, (set, frozenset)) and a == b
+    return False
+
+
+def op_eq(a: Any, b: Any) -> bool:
+    ta = type(a)
+    if ta is type(b) and (ta is str or ta is int):
+        return bool(a == b)
+    return struct_eq(a, b)
+
+
+def op_ne(a: Any, b: Any) -> bool:
+    if a is MISSING or b is MISSING:
+        return False
+    return not op_eq(a, b)
+
+
+def _ordered(a: Any, b: Any) -> bool:
+    if isinstance(a, str):
+        return isinstance(b, str)
+    return _isnum(a) and _isnum(b)
+
+
+def op_lt(a: Any, b: Any) -> bool:
+    return _ordered(a, b) and bool(a < b)
+
+
+def op_le(a: Any, b: Any) -> bool:
+    return _ordered(a, b) and bool(a <= b)
+
+
+def op_gt(a: Any, b: Any) -> bool:
+    return _ordered(a, b) and bool(a > b)
+
+
+def op_ge(a: Any, b: Any) -> bool:
+    return _ordered(a, b) and bool(a >= b)
+
+
+def op_in(x: Any, coll: Any) -> bool:
+    """``x in coll`` (and ``coll has x``)."""
+    tc = type(coll)
+    if tc is tuple or tc is list:
+        if type(x) is str:
+            return x in coll
+        if x is MISSING:
+            return False
+        return any(struct_eq(x, i) for i in coll)
+    if x is MISSING or coll is MISSING:
+        return False
+    if isinstance(coll, PatternSet):
+        return isinstance(x, str) and coll.match(x)
+    if isinstance(coll, str):
+        return isinstance(x, str) and x in coll
+    if isinstance(coll, Mapping):
+        return isinstance(x, str) and x in coll
+    if isinstance(coll, (list, tuple, set, frozenset)):
+        return any(struct_eq(x, i) for i in coll)
+    return False
+
+
+def op_not_in(x: Any, coll: Any) -> bool:
+    if x is MISSING or coll is MISSING:
+        return False
+    if isinstance(coll, PatternSet):
+        return isinstance(x, str) and not coll.match(x)
+    if isinstance(coll, (str, Mapping)):
+        return isinstance(x, str) and x not in coll
+    if isinstance(coll, (list, tuple, set, frozenset)):
+        return not any(struct_eq(x, i) for i in coll)
+    return False
+
+
+def op_has(coll: Any, x: Any) -> bool:
+    return op_in(x, coll)
+
+
+def op_contains(a: Any, b: Any) -> bool:
+    if isinstance(a, str):
+        return isinstance(b, str) and b in a
+    if b is MISSING:
+        return False
+    if isinstance(a, PatternSet):
+        return isinstance(b, str) and a.match(b)
+    if isinstance(a, (list, tuple, set, frozenset)):
+        return any(struct_eq(b, i) for i in a)
+    return False
+
+
+def op_startswith(a: Any, b: Any) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and a.startswith(b)
+
+
+def op_endswith(a: Any, b: Any) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and a.endswith(b)
+
+
+def op_matches(a: Any, rx: Regex) -> bool:
+    return isinstance(a, str) and rx.search(a)
+
+
+def op_like(a: Any, pattern: str) -> bool:
+    return isinstance(a, str) and glob_match(pattern, a)
+
+
+def concat(items: Sequence[Any]) -> Any:
+    """``a + b + ...``: strings concatenate, numbers add, anything else is MISSING."""
+    acc = items[0]
+    if acc is MISSING:
+        return MISSING
+    for it in items[1:]:
+        if it is MISSING:
+            return MISSING
+        if (isinstance(acc, str) and isinstance(it, str)) or (_isnum(acc) and _isnum(it)):
+            acc = acc + it
+        else:
+            return MISSING
+    return acc
+
+
+def make_list(items: Iterable[Any]) -> list[Any]:
+    return [i for i in items if i is not MISSING]
+
+
+def sub(value: Any, parts: tuple[str | int, ...]) -> Any:
+    """Walk ``.name``, ``["key"]`` and ``[index]`` steps; anything absent is MISSING."""
+    for p in parts:
+        if value is MISSING:
+            return MISSING
+        if type(p) is int:
+            if isinstance(value, (list, tuple)) and 0 <= p < len(value):
+                value = value[p]
+            else:
+                return MISSING
+        elif isinstance(value, Mapping):
+            value = value.get(p, MISSING)
+        else:
+            return MISSING
+    return value
+
+
+_COMPARE_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "==": op_eq,
+    "!=": op_ne,
+    "<": op_lt,
+    "<=": op_le,
+    ">": op_gt,
+    ">=": op_ge,
+    "in": op_in,
+    "not in": op_not_in,
+    "has": op_has,
+    "contains": op_contains,
+    "startswith": op_startswith,
+    "endswith": op_endswith,
+}
+
+
+# ---- environments ----------------------------------------------------------------
+
+_IDENTITY_FIELDS = {
+    "sub": "subject",
+    "subject": "subject",
+    "groups": "groups",
+    "roles": "roles",
+    "email": "email",
+    "tenant": "tenant",
+    "key_id": "key_id",
+    "issuer": "issuer",
+    "scopes": "scopes",
+    "auth_method": "auth_method",
+    "anonymous": "anonymous",
+}
+_CONTEXT_FIELDS = ("tainted", "taint_sources", "session", "turn", "user_text")
+_REQUEST_FIELDS = ("method", "path", "client", "protocol", "id")
+
+# Which roots each kind of rule can read; any other root is MISSING there.
+_ROOTS_BY_KIND: dict[str, frozenset[str]] = {
+    "call": frozenset({"identity", "args", "tool", "context", "request", "destinations"}),
+    "tool": frozenset({"identity", "args", "tool", "context", "request", "destinations"}),
+    "limit-call": frozenset({"identity", "args", "tool", "context", "request", "destinations"}),
+    "result": frozenset(
+        {"identity", "args", "tool", "context", "request", "destinations", "result"}
+    ),
+    "model": frozenset({"identity", "context", "request", "model"}),
+    "limit-model": frozenset({"identity", "context", "request", "model"}),
+    "context": frozenset({"identity", "request"}),
+}
+
+
+def identity_attr(identity: Identity, name: str) -> Any:
+    f = _IDENTITY_FIELDS.get(name)
+    if f is not None:
+        return getattr(identity, f)
+    return identity.attributes.get(name, MISSING)
+
+
+def identity_obj(identity: Identity) -> dict[str, Any]:
+    out = dict(identity.attributes)
+    for k, f in _IDENTITY_FIELDS.items():
+        if k != "subject":
+            out[k] = getattr(identity, f)
+    return out
+
+
+def context_attr(context: Any, name: str) -> Any:
+    if name == "tainted":
+        return context.tainted
+    if name == "taint_sources":
+        return sorted(context.taint_sources)
+    if name == "session":
+        return context.session
+    if name == "turn":
+        return context.turn
+    if name == "user_text":
+        return context.user_text
+    return context.attributes.get(name, MISSING)
+
+
+def context_obj(context: Any) -> dict[str, Any]:
+    out = dict(context.attributes)
+    for k in _CONTEXT_FIELDS:
+        out[k] = context_attr(context, k)
+    return out
+
+
+def request_attr(request: RequestInfo | None, name: str) -> Any:
+    if request is None:
+        return MISSING
+    if name == "headers":
+        return {str(k).lower(): v for k, v in request.headers.items()}
+    if name in _REQUEST_FIELDS:
+        return getattr(request, name)
+    return MISSING
+
+
+def request_obj(request: RequestInfo | None) -> Any:
+    if request is None:
+        return MISSING
+    out = {k: getattr(request, k) for k in _REQUEST_FIELDS}
+    out["headers"] = request_attr(request, "headers")
+    return out
+
+
+def destinations(tool_view: Mapping[str, Any], args: Mapping[str, Any]) -> list[Any]:
+    """The values of the arguments the schema marks as destinations (lists flattened)."""
+    out: list[Any] = []
+    for name in tool_view.get("destinations", ()):
+        v = sub(args, tuple(str(name).split(".")))
+        if v is MISSING:
+            continue
+        if isinstance(v, (list, tuple)):
+            out.extend(x for x in v if x is not MISSING)
+        else:
+            out.append(v)
+    return out
+
+
+def tool_view(tool: str | ToolSpec, schema: Schema | None) -> dict[str, Any]:
+    """What ``tool.*`` reads: name, server, description, schema effect and destinations, annotations."""
+    if isinstance(tool, str):
+        name, server, description, annotations = tool, split_tool_name(tool)[0], None, {}
+    else:
+        name = tool.name
+        server = tool.server if tool.server is not None else split_tool_name(tool.name)[0]
+        description = tool.description
+        annotations = dict(tool.annotations)
+    view: dict[str, Any] = {}
+    decl = schema.tool(name) if schema is not None else None
+    if decl is not None:
+        annotations.update(decl.annotations)  # the administrator's declaration wins
+        if description is None or description == "":
+            description = decl.description
+        if decl.effect is not None:
+            view["effect"] = decl.effect
+        view["destinations"] = list(decl.destinations)
+    for k, v in annotations.items():
+        view[k] = v
+    view["annotations"] = annotations
+    view["name"] = name
+    view["server"] = server
+    if description is not None:
+        view["description"] = description
+    return view
+
+
+def model_view(model: Any) -> dict[str, Any]:
+    if isinstance(model, str):
+        return {"name": model}
+    return {
+        "name": model.name,
+        "provider": model.provider,
+        "protocol": model.protocol,
+        "max_tokens": model.max_tokens,
+    }
+
+
+def result_text(content: Any) -> str:
+    """The text of a tool's output: strings as is, MCP/Anthropic content blocks joined, else JSON."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Mapping):
+        if isinstance(content.get("text"), str):
+            return str(content["text"])
+        if "content" in content:
+            return result_text(content["content"])
+    if isinstance(content, (list, tuple)):
+        parts = [result_text(c) for c in content]
+        return "\n".join(p for p in parts if p)
+    if content is None:
+        return ""
+    return json.dumps(content, sort_keys=True, default=str)
+
+
+def result_view(result: Any) -> dict[str, Any]:
+    content = getattr(result, "content", result) if hasattr(result, "call_id") else result
+    if hasattr(result, "call_id"):
+        is_error = bool(result.is_error)
+    elif isinstance(result, Mapping):
+        is_error = result.get("isError", result.get("is_error", False)) is True
+    else:
+        is_error = False
+    return {"text": result_text(content), "is_error": is_error, "content": content}
+
+
+# ---- printing conditions ------------------------------------------------------------
+
+
+def _lit_text(v: Any) -> str:
+    if v is None:
+        return "null"
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    return repr(v)
+
+
+def expr_text(e: ast.Expr) -> str:
+    """Policy syntax for an expression (used in explain traces)."""
+    if isinstance(e, ast.Lit):
+        return _lit_text(e.value)
+    if isinstance(e, ast.ListExpr):
+        return "[" + ", ".join(expr_text(i) for i in e.items) + "]"
+    if isinstance(e, ast.Path):
+        return e.dotted()
+    if isinstance(e, ast.SetRef):
+        return e.name
+    if isinstance(e, ast.Concat):
+        return " + ".join(_operand(i) for i in e.items)
+    if isinstance(e, ast.Compare):
+        return f"{_operand(e.left)} {e.op} {_operand(e.right)}"
+    if isinstance(e, ast.From):
+        return f"{_operand(e.value)} from {e.source}"
+    if isinstance(e, ast.Not):
+        inner = expr_text(e.operand)
+        if isinstance(e.operand, (ast.And, ast.Or, ast.Compare, ast.From)):
+            inner = f"({inner})"
+        return f"not {inner}"
+    if isinstance(e, ast.And):
+        return " and ".join(
+            f"({expr_text(i)})" if isinstance(i, ast.Or) else expr_text(i) for i in e.items
+        )
+    return " or ".join(expr_text(i) for i in e.items)
+
+
+def _operand(e: ast.Expr) -> str:
+    text = expr_text(e)
+    if isinstance(e, (ast.And, ast.Or, ast.Not, ast.Compare, ast.From)):
+        return f"({text})"
+    return text
+
+
+def condition_text(rule: ast.Rule | ast.LimitRule) -> str:
+    parts = [f"when {expr_text(w)}" for w in rule.when]
+    parts += [f"unless {expr_text(u)}" for u in rule.unless]
+    return " ".join(parts)
+
+
+def show_value(v: Any) -> str:
+    if v is MISSING:
+        return "missing"
+    if v is UNKNOWN:
+        return "unknown"
+    if isinstance(v, PatternSet):
+        v = list(v.patterns)
+    try:
+        text = json.dumps(v, default=str, ensure_ascii=False, sort_keys=True)
+    except (TypeError, ValueError):
+        text = repr(v)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# ---- compiled rules -------------------------------------------------------------------
+
+CondFn = Callable[..., bool]
+HoistFn = Callable[[Identity], bool]
+
+
+@dataclass(slots=True, eq=False)
+class CRule:
+    """One compiled rule: its metadata and its condition split into hoisted and residual parts."""
+
+    index: int
+    rule: ast.Rule | ast.LimitRule
+    rule_id: str
+    kind: str
+    effect: str
+    shadow: bool
+    reason: str | None
+    location: str
+    condition: ast.Expr | None
+    hoisted: HoistFn | None = None
+    residual: CondFn | None = None
+    uses_unknown: bool = False  # reads args/destinations: partial evaluation needed
+    by: Callable[..., Any] | None = None
+
+    def holds(self, identity: Identity, a: Any, t: Any, c: Any, r: Any, x: Any) -> bool:
+        if self.hoisted is not None and not self.hoisted(identity):
+            return False
+        return self.residual is None or self.residual(identity, a, t, c, r, x)
+
+
+class _Gen:
+    """Python source for conditions; every name and literal is emitted through repr."""
+
+    def __init__(self, sets: Mapping[str, ast.SetDecl], diags: list[Diagnostic]) -> None:
+        self.sets = sets
+        self.diags = diags
+        self.namespace: dict[str, Any] = {
+            "MISSING": MISSING,
+            "_eq": op_eq,
+            "_ne": op_ne,
+            "_lt": op_lt,
+            "_le": op_le,
+            "_gt": op_gt,
+            "_ge": op_ge,
+            "_in": op_in,
+            "_not_in": op_not_in,
+            "_has": op_has,
+            "_contains": op_contains,
+            "_startswith": op_startswith,
+            "_endswith": op_endswith,
+            "_matches": op_matches,
+            "_like": op_like,
+            "_concat": concat,
+            "_list": make_list,
+            "_sub": sub,
+            "_iattr": identity_attr,
+            "_iobj": identity_obj,
+            "_cattr": context_attr,
+            "_cobj": context_obj,
+            "_rattr": request_attr,
+            "_robj": request_obj,
+            "_dest": destinations,
+            "_from": from_source,
+        }
+        self.consts: dict[tuple[str, str], str] = {}
+        self.lines: list[str] = []
+        self.funcs: dict[str, str] = {}  # source body -> function name
+
+    def const(self, value: Any, key: tuple[str, str]) -> str:
+        name = self.consts.get(key)
+        if name is None:
+            name = f"_k{len(self.consts)}"
+            self.consts[key] = name
+            self.namespace[name] = value
+        return name
+
+    def error(self, span: ast.Span, message: str) -> None:
+        self.diags.append(
+            Diagnostic(
+                span.file,
+                span.line,
+                span.col,
+                message,
+                code="compile",
+                end_line=span.end_line,
+                end_col=span.end_col,
+            )
+        )
+
+    def function(self, params: str, body: str) -> str:
+        key = f"{params}|{body}"
+        name = self.funcs.get(key)
+        if name is None:
+            name = f"_f{len(self.funcs)}"
+            self.funcs[key] = name
+            self.lines.append(f"def {name}({params}):\n    return {body}\n")
+        return name
+
+    def build(self) -> dict[str, Any]:
+        code = compile("\n".join(self.lines), "<bastion-policy>", "exec")
+        exec(code, self.namespace)
+        return self.namespace
+
+    # -- values
+    def value(self, e: ast.Expr, kind: str) -> str:
+        if isinstance(e, ast.Lit):
+            v = e.value
+            if v is None or isinstance(v, (bool, str)):
+                return repr(v)
+            if isinstance(v, int):
+                return repr(v)
+            if isinstance(v, float) and math.isfinite(v):
+                return repr(v)
+            return self.const(v, ("float", repr(v)))
+        if isinstance(e, ast.ListExpr):
+            if all(isinstance(i, ast.Lit) for i in e.items):
+                items = tuple(i.value for i in e.items if isinstance(i, ast.Lit))
+                return self.const(items, ("tuple", repr([(type(i).__name__, i) for i in items])))
+            return "_list((" + "".join(self.value(i, kind) + ", " for i in e.items) + "))"
+        if isinstance(e, ast.SetRef):
+            return self.setref(e)
+        if isinstance(e, ast.Concat):
+            return "_concat((" + "".join(self.value(i, kind) + ", " for i in e.items) + "))"
+        if isinstance(e, ast.Path):
+            return self.path(e, kind)
+        # a condition used as a value: its truth
+        return f"({self.cond(e, kind)})"
+
+    def setref(self, e: ast.SetRef) -> str:
+        decl = self.sets.get(e.name)
+        if decl is None:
+            self.error(e.span, f"undefined set {e.name!r}")
+            return "MISSING"
+        if decl.set_kind == "values":
+            return self.const(tuple(i.value for i in decl.items), ("values", e.name))
+        return self.const(
+            PatternSet(e.name, tuple(str(i.value) for i in decl.items)), ("patterns", e.name)
+        )
+
+    def path(self, e: ast.Path, kind: str) -> str:
+        root = e.root
+        if root not in _ROOTS_BY_KIND[kind]:
+            return "MISSING"
+        parts = e.parts
+        if root == "identity":
+            if not parts:
+                base, rest = "_iobj(I)", parts
+            elif isinstance(parts[0], str):
+                f = _IDENTITY_FIELDS.get(parts[0])
+                base = f"I.{f}" if f else f"I.attributes.get({parts[0]!r}, MISSING)"
+                rest = parts[1:]
+            else:
+                return "MISSING"
+        elif root == "args":
+            base, rest = "A", parts
+            if parts and isinstance(parts[0], str):
+                base, rest = f"A.get({parts[0]!r}, MISSING)", parts[1:]
+            elif parts:
+                return "MISSING"
+        elif root == "tool":
+            base, rest = "T", parts
+            if parts and isinstance(parts[0], str):
+                base, rest = f"T.get({parts[0]!r}, MISSING)", parts[1:]
+            elif parts:
+                return "MISSING"
+        elif root == "context":
+            if not parts:
+                base, rest = "_cobj(C)", parts
+            elif isinstance(parts[0], str):
+                p0 = parts[0]
+                if p0 in ("tainted", "session", "turn", "user_text"):
+                    base = f"C.{p0}"
+                else:
+                    base = f"_cattr(C, {p0!r})"
+                rest = parts[1:]
+            else:
+                return "MISSING"
+        elif root == "request":
+            if not parts:
+                base, rest = "_robj(R)", parts
+            elif isinstance(parts[0], str):
+                base, rest = f"_rattr(R, {parts[0]!r})", parts[1:]
+            else:
+                return "MISSING"
+        elif root in ("model", "result"):
+            base, rest = "X", parts
+            if parts and isinstance(parts[0], str):
+                base, rest = f"X.get({parts[0]!r}, MISSING)", parts[1:]
+            elif parts:
+                return "MISSING"
+        else:  # destinations
+            base, rest = "_dest(T, A)", parts
+        if rest:
+            return f"_sub({base}, {tuple(rest)!r})"
+        return base
+
+    # -- conditions
+    def cond(self, e: ast.Expr, kind: str) -> str:
+        if isinstance(e, ast.And):
+            return "(" + " and ".join(self.cond(i, kind) for i in e.items) + ")"
+        if isinstance(e, ast.Or):
+            return "(" + " or ".join(self.cond(i, kind) for i in e.items) + ")"
+        if isinstance(e, ast.Not):
+            return f"(not {self.cond(e.operand, kind)})"
+        if isinstance(e, ast.Compare):
+            return self.compare(e, kind)
+        if isinstance(e, ast.From):
+            if "args" not in _ROOTS_BY_KIND[kind] and "context" not in _ROOTS_BY_KIND[kind]:
+                return "False"
+            if "context" not in _ROOTS_BY_KIND[kind]:
+                return "False"
+            return f"_from(C, {e.source!r}, {self.value(e.value, kind)})"
+        return f"({self.value(e, kind)} is True)"
+
+    def compare(self, e: ast.Compare, kind: str) -> str:
+        left = self.value(e.left, kind)
+        op = e.op
+        if op == "matches":
+            assert isinstance(e.right, ast.Lit) and isinstance(e.right.value, str)
+            try:
+                rx = compile_regex(e.right.value)
+            except RegexError as exc:
+                span = e.right.span
+                self.diags.append(
+                    Diagnostic(
+                        span.file,
+                        span.line,
+                        span.col + 1 + exc.offset,
+                        f"invalid regular expression: {exc.message}",
+                        code="regex",
+                    )
+                )
+                return "False"
+            return f"_matches({left}, {self.const(rx, ('regex', repr(e.right.value)))})"
+        if op == "like":
+            assert isinstance(e.right, ast.Lit) and isinstance(e.right.value, str)
+            return f"_like({left}, {e.right.value!r})"
+        right = self.value(e.right, kind)
+        if op == "==" and isinstance(e.right, ast.Lit) and isinstance(e.right.value, str):
+            return f"({left} == {right})"
+        fn = {
+            "==": "_eq",
+            "!=": "_ne",
+            "<": "_lt",
+            "<=": "_le",
+            ">": "_gt",
+            ">=": "_ge",
+            "in": "_in",
+            "not in": "_not_in",
+            "has": "_has",
+            "contains": "_contains",
+            "startswith": "_startswith",
+            "endswith": "_endswith",
+        }[op]
+        return f"{fn}({left}, {right})"
+
+
+def roots_of(e: ast.Expr) -> set[str]:
+    """The roots an expression reads; ``From`` also reads the context's texts."""
+    out: set[str] = set()
+    stack: list[ast.Expr] = [e]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, ast.Path):
+            out.add(n.root)
+        elif isinstance(n, (ast.ListExpr, ast.Concat, ast.And, ast.Or)):
+            stack.extend(n.items)
+        elif isinstance(n, ast.Compare):
+            stack.append(n.left)
+            stack.append(n.right)
+        elif isinstance(n, ast.From):
+            out.add("context")
+            stack.append(n.value)
+        elif isinstance(n, ast.Not):
+            stack.append(n.operand)
+    return out
+
+
+# ---- the walker: explain and partial evaluation ------------------------------------------
+
+
+@dataclass(slots=True)
+class Env:
+    """Everything one decision reads. ``args`` is UNKNOWN in partial evaluation."""
+
+    kind: str
+    identity: Identity
+    args: Any
+    tool: Any
+    context: Any
+    request: RequestInfo | None
+    extra: Any
+    sets: Mapping[str, Any]
+
+
+class Walker:
+    """Evaluates conditions over the AST, three-valued when arguments are unknown, with reasons."""
+
+    def __init__(self, sets: Mapping[str, Any]) -> None:
+        self.sets = sets
+
+    def value(self, e: ast.Expr, env: Env) -> Any:
+        if isinstance(e, ast.Lit):
+            return e.value
+        if isinstance(e, ast.ListExpr):
+            items = [self.value(i, env) for i in e.items]
+            if any(i is UNKNOWN for i in items):
+                return UNKNOWN
+            return make_list(items)
+        if isinstance(e, ast.SetRef):
+            return self.sets.get(e.name, MISSING)
+        if isinstance(e, ast.Concat):
+            items = [self.value(i, env) for i in e.items]
+            if any(i is MISSING for i in items):
+                return MISSING
+            if any(i is UNKNOWN for i in items):
+                return UNKNOWN
+            return concat(items)
+        if isinstance(e, ast.Path):
+            return self.path(e, env)
+        t = self.truth(e, env)
+        return UNKNOWN if t is UNKNOWN else t
+
+    def path(self, e: ast.Path, env: Env) -> Any:
+        root = e.root
+        if root not in _ROOTS_BY_KIND[env.kind]:
+            return MISSING
+        parts = e.parts
+        if root == "identity":
+            if not parts:
+                return identity_obj(env.identity)
+            if not isinstance(parts[0], str):
+                return MISSING
+            return sub(identity_attr(env.identity, parts[0]), parts[1:])
+        if root == "args":
+            if env.args is UNKNOWN:
+                return UNKNOWN
+            return sub(env.args, parts)
+        if root == "destinations":
+            if env.args is UNKNOWN:
+                return UNKNOWN
+            return sub(destinations(env.tool, env.args), parts)
+        if root == "tool":
+            return sub(env.tool, parts)
+        if root == "context":
+            if not parts:
+                return context_obj(env.context)
+            if not isinstance(parts[0], str):
+                return MISSING
+            return sub(context_attr(env.context, parts[0]), parts[1:])
+        if root == "request":
+            if not parts:
+                return request_obj(env.request)
+            if not isinstance(parts[0], str):
+                return MISSING
+            return sub(request_attr(env.request, parts[0]), parts[1:])
+        return sub(env.extra, parts)
+
+    def compare(self, e: ast.Compare, env: Env) -> Any:
+        left = self.value(e.left, env)
+        if e.op in ("matches", "like"):
+            assert isinstance(e.right, ast.Lit) and isinstance(e.right.value, str)
+            right: Any = e.right.value
+        else:
+            right = self.value(e.right, env)
+        if left is MISSING or right is MISSING:
+            return False
+        if left is UNKNOWN or right is UNKNOWN:
+            return UNKNOWN
+        if e.op == "matches":
+            return op_matches(left, compile_regex(right))
+        if e.op == "like":
+            return op_like(left, right)
+        return _COMPARE_OPS[e.op](left, right)
+
+    def truth(self, e: ast.Expr, env: Env) -> Any:
+        """True, False or UNKNOWN."""
+        if isinstance(e, ast.And):
+            seen_unknown = False
+            for i in e.items:
+                t = self.truth(i, env)
+                if t is False:
+                    return False
+                if t is UNKNOWN:
+                    seen_unknown = True
+            return UNKNOWN if seen_unknown else True
+        if isinstance(e, ast.Or):
+            seen_unknown = False
+            for i in e.items:
+                t = self.truth(i, env)
+                if t is True:
+                    return True
+                if t is UNKNOWN:
+                    seen_unknown = True
+            return UNKNOWN if seen_unknown else False
+        if isinstance(e, ast.Not):
+            t = self.truth(e.operand, env)
+            return UNKNOWN if t is UNKNOWN else not t
+        if isinstance(e, ast.Compare):
+            return self.compare(e, env)
+        if isinstance(e, ast.From):
+            if "context" not in _ROOTS_BY_KIND[env.kind]:
+                return False
+            v = self.value(e.value, env)
+            if v is MISSING:
+                return False
+            if v is UNKNOWN:
+                return UNKNOWN
+            return from_source(env.context, e.source, v)
+        v = self.value(e, env)
+        if v is UNKNOWN:
+            return UNKNOWN
+        return v is True
+
+    # -- explanations
+    def explain(self, e: ast.Expr, env: Env) -> tuple[Any, str]:
+        """The truth of ``e`` and, when it did not hold, which part failed and why."""
+        t = self.truth(e, env)
+        if t is True:
+            return t, "held"
+        return t, self._why(e, env, t)
+
+    def _why(self, e: ast.Expr, env: Env, t: Any) -> str:
+        word = "unknown" if t is UNKNOWN else ("true" if t else "false")
+        if isinstance(e, ast.And):
+            for i in e.items:
+                ti = self.truth(i, env)
+                if ti is not True:
+                    return self._why(i, env, ti)
+        if isinstance(e, ast.Or):
+            return "; ".join(self._why(i, env, self.truth(i, env)) for i in e.items)
+        if isinstance(e, ast.Not):
+            inner = self.truth(e.operand, env)
+            if inner is True:
+                return f"{expr_text(e)} was {word} ({expr_text(e.operand)} held{self._values(e.operand, env)})"
+            return f"{expr_text(e)} was {word}"
+        return f"{expr_text(e)} was {word}{self._values(e, env)}"
+
+    def _values(self, e: ast.Expr, env: Env) -> str:
+        paths: list[ast.Path] = []
+        stack: list[ast.Expr] = [e]
+        while stack:
+            n = stack.pop()
+            if isinstance(n, ast.Path):
+                paths.append(n)
+            elif isinstance(n, (ast.ListExpr, ast.Concat, ast.And, ast.Or)):
+                stack.extend(reversed(n.items))
+            elif isinstance(n, ast.Compare):
+                stack.append(n.right)
+                stack.append(n.left)
+            elif isinstance(n, ast.From):
+                stack.append(n.value)
+            elif isinstance(n, ast.Not):
+                stack.append(n.operand)
+        if not paths:
+            return ""
+        shown = []
+        for p in dict.fromkeys(paths):
+            v = self.path(p, env)
+            shown.append(
+                f"{p.dotted()} is missing" if v is MISSING else f"{p.dotted()} = {show_value(v)}"
+            )
+        return " (" + ", ".join(shown) + ")"
+
+
+# ---- target index ------------------------------------------------------------------
+
+
+class _Trie:
+    __slots__ = ("children", "items")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Trie] = {}
+        self.items: list[tuple[str, int, bool]] = []  # (glob, rule index, prefix-only)
+
+
+class TargetIndex:
+    """Rules of one kind by target: exact names in a dict, globs in a prefix trie, the rest."""
+
+    def __init__(self) -> None:
+        self.exact: dict[str, list[int]] = {}
+        self.trie = _Trie()
+        self.anywhere: list[int] = []
+
+    def add(self, index: int, target_patterns: tuple[str, ...] | None) -> None:
+        if target_patterns is None:
+            self.anywhere.append(index)
+            return
+        for p in dict.fromkeys(target_patterns):
+            if "*" not in p and "?" not in p:
+                self.exact.setdefault(p, []).append(index)
+                continue
+            prefix = _literal_prefix(p)
+            node = self.trie
+            for ch in prefix:
+                nxt = node.children.get(ch)
+                if nxt is None:
+                    nxt = node.children[ch] = _Trie()
+                node = nxt
+            prefix_only = p == prefix + "*"
+            node.items.append((p, index, prefix_only))
+
+    def lookup(self, name: str) -> list[int]:
+        found: set[int] = set(self.exact.get(name, ()))
+        found.update(self.anywhere)
+        node: _Trie | None = self.trie
+        i = 0
+        while node is not None:
+            for glob, index, prefix_only in node.items:
+                if index not in found and (prefix_only or glob_match(glob, name)):
+                    found.add(index)
+            if i >= len(name):
+                break
+            node = node.children.get(name[i])
+            i += 1
+        return sorted(found)
+
+
+# ---- decisions ---------------------------------------------------------------------
+
+_CALL_RANK = {"forbid": 3, "hide": 3, "ask": 2, "allow": 1}
+_CALL_EFFECT = {3: Effect.FORBID, 2: Effect.ASK, 1: Effect.ALLOW}
+_RESULT_RANK = {"block": 4, "quarantine": 3, "untrusted": 2, "trusted": 1}
+_RESULT_EFFECT = {4: Effect.BLOCK, 3: Effect.QUARANTINE, 2: Effect.UNTRUSTED, 1: Effect.TRUSTED}
+_MODEL_RANK = {"forbid": 2, "allow": 1}
+_CONTEXT_RANK = {"untrusted": 2, "trusted": 1}
+_DEFAULT_EFFECTS = {
+    "call": {"deny": Effect.FORBID, "allow": Effect.ALLOW, "ask": Effect.ASK},
+    "model": {"deny": Effect.FORBID, "allow": Effect.ALLOW},
+    "result": {
+        "trusted": Effect.TRUSTED,
+        "untrusted": Effect.UNTRUSTED,
+        "quarantine": Effect.QUARANTINE,
+        "block": Effect.BLOCK,
+    },
+    "context": {"trusted": Effect.TRUSTED, "untrusted": Effect.UNTRUSTED},
+}
+_BUILTIN_DEFAULTS = {"call": "deny", "model": "deny", "result": "untrusted", "context": "trusted"}
+
+
+def _ids(rules: Iterable[CRule]) -> tuple[str, ...]:
+    return tuple(r.rule_id for r in rules)
+
+
+def _reasons(rules: Iterable[CRule]) -> tuple[str, ...]:
+    return tuple(r.reason for r in rules if r.reason)
+
+
+def _ranked(
+    kind: EventKind,
+    matched: Sequence[CRule],
+    rank: Mapping[str, int],
+    effects: Mapping[int, Effect],
+    default: Effect,
+) -> Decision:
+    enforced = [r for r in matched if not r.shadow]
+    shadow = _ids(r for r in matched if r.shadow)
+    if not enforced:
+        return Decision(kind, default, shadow_hits=shadow, defaulted=True)
+    top = max(rank[r.effect] for r in enforced)
+    winners = [r for r in enforced if rank[r.effect] == top]
+    losers = [r for r in enforced if rank[r.effect] != top]
+    return Decision(
+        kind,
+        effects[top],
+        rule_ids=_ids(winners),
+        reasons=_reasons(winners),
+        shadow_hits=shadow,
+        overridden=_ids(losers),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LimitHit:
+    """A rate limit that applies to an event: count ``amount`` ``unit`` per window under ``key``."""
+
+    rule_id: str
+    amount: int
+    unit: str
+    window_seconds: int
+    key: str
+    reason: str | None = None
+
+
+def _limit_key_value(v: Any) -> str:
+    if v is MISSING:
+        return "<missing>"
+    if isinstance(v, str):
+        return v
+    return show_value(v)
+
+
+# ---- candidate lists -------------------------------------------------------------
+
+
+class CandidateList:
+    """The rules that may apply to one concrete name, in source order, with per-identity state."""
+
+    __slots__ = ("active", "decide", "decisions", "needs_tool", "rules", "tool_view")
+
+    def __init__(
+        self,
+        rules: tuple[CRule, ...],
+        decide: Callable[[Sequence[CRule]], Decision],
+        tool_view: dict[str, Any] | None,
+    ) -> None:
+        self.rules = rules
+        self.decide = decide
+        self.tool_view = tool_view
+        self.needs_tool = any(r.residual is not None for r in rules)
+        self.active: dict[int, tuple[Identity, tuple[tuple[CRule, CondFn | None], ...]]] = {}
+        self.decisions: dict[tuple[int, ...], Decision] = {}
+
+    def activate(
+        self, identity: Identity, hoisted: Callable[[CRule, Identity], bool]
+    ) -> tuple[tuple[CRule, CondFn | None], ...]:
+        act = tuple(
+            (r, r.residual) for r in self.rules if r.hoisted is None or hoisted(r, identity)
+        )
+        if len(self.active) >= PER_LIST_IDENTITY_CACHE:
+            self.active.clear()
+        self.active[id(identity)] = (identity, act)
+        return act
+
+    def decision(self, key: tuple[int, ...], by_index: Callable[[int], CRule]) -> Decision:
+        d = self.decisions.get(key)
+        if d is None:
+            d = self.decide([by_index(i) for i in key])
+            if len(self.decisions) >= DECISION_CACHE_SIZE:
+                self.decisions.clear()
+            self.decisions[key] = d
+        return d
+
+
+def _memo_put(memo: dict[str, CandidateList], name: str, cl: CandidateList) -> None:
+    if len(memo) >= CANDIDATE_CACHE_SIZE:
+        # Oldest first: dicts keep insertion order.
+        del memo[next(iter(memo))]
+    memo[name] = cl
+
+
+# ---- the compiled policy -----------------------------------------------------------
+
+
+@dataclass(slots=True)
+class CompiledPolicy:
+    """Indexes and compiled rules of a loaded policy. Immutable after compilation except caches."""
+
+    rules: tuple[CRule, ...]
+    defaults: dict[str, str]
+    schema: Schema | None
+    sets: dict[str, Any]
+    indexes: dict[str, TargetIndex]
+    context_rules: tuple[CRule, ...]
+    warnings: tuple[Diagnostic, ...] = ()
+    memo: dict[str, dict[str, CandidateList]] = field(default_factory=dict)
+    identity_cache: dict[int, tuple[Identity, dict[int, bool]]] = field(default_factory=dict)
+    walker: Walker = field(init=False)
+    tool_views: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.walker = Walker(self.sets)
+        for kind in ("call", "tool", "result", "model", "limit-call", "limit-model", "visibility"):
+            self.memo[kind] = {}
+
+    # -- effects
+    def default_effect(self, kind: str) -> Effect:
+        return _DEFAULT_EFFECTS[kind][self.defaults.get(kind, _BUILTIN_DEFAULTS[kind])]
+
+    def by_index(self, i: int) -> CRule:
+        return self.rules[i]
+
+    # -- hoisting
+    def hoisted(self, rule: CRule, identity: Identity) -> bool:
+        entry = self.identity_cache.get(id(identity))
+        if entry is None or entry[0] is not identity:
+            if len(self.identity_cache) >= IDENTITY_CACHE_SIZE:
+                self.identity_cache.clear()
+            entry = (identity, {})
+            self.identity_cache[id(identity)] = entry
+        results = entry[1]
+        r = results.get(rule.index)
+        if r is None:
+            assert rule.hoisted is not None
+            r = bool(rule.hoisted(identity))
+            results[rule.index] = r
+        return r
+
+    # -- candidate lists
+    def candidates(self, kind: str, name: str) -> CandidateList:
+        memo = self.memo[kind]
+        cl = memo.get(name)
+        if cl is None:
+            cl = self._build_list(kind, name)
+            _memo_put(memo, name, cl)
+        return cl
+
+    def _build_list(self, kind: str, name: str) -> CandidateList:
+        if kind == "call":
+            idx = sorted(
+                set(self.indexes["call"].lookup(name))
+                | {i for i in self.indexes["tool"].lookup(name) if self.rules[i].effect == "hide"}
+            )
+            decide: Callable[[Sequence[CRule]], Decision] = self.decide_call_from
+        elif kind == "visibility":
+            idx = sorted(
+                set(self.indexes["call"].lookup(name)) | set(self.indexes["tool"].lookup(name))
+            )
+            decide = self.decide_call_from  # unused: visibility has its own path
+        else:
+            idx = self.indexes[kind].lookup(name)
+            decide = {
+                "result": self.decide_result_from,
+                "model": self.decide_model_from,
+                "tool": self.decide_call_from,
+                "limit-call": self.decide_call_from,
+                "limit-model": self.decide_call_from,
+            }[kind]
+        rules = tuple(self.rules[i] for i in idx)
+        view = (
+            self.tool_view_for(name)
+            if kind in ("call", "visibility", "result", "tool", "limit-call")
+            else None
+        )
+        return CandidateList(rules, decide, view)
+
+    def tool_view_for(self, tool: str | ToolSpec) -> dict[str, Any]:
+        if isinstance(tool, str):
+            v = self.tool_views.get(tool)
+            if v is None:
+                v = tool_view(tool, self.schema)
+                if len(self.tool_views) >= CANDIDATE_CACHE_SIZE:
+                    self.tool_views.clear()
+                self.tool_views[tool] = v
+            return v
+        return tool_view(tool, self.schema)
+
+    # -- decision builders (shared by the fast path and explain)
+    def decide_call_from(self, matched: Sequence[CRule]) -> Decision:
+        return _ranked(
+            EventKind.CALL, matched, _CALL_RANK, _CALL_EFFECT, self.default_effect("call")
+        )
+
+    def decide_model_from(self, matched: Sequence[CRule]) -> Decision:
+        d = _ranked(
+            EventKind.MODEL,
+            matched,
+            _MODEL_RANK,
+            {2: Effect.FORBID, 1: Effect.ALLOW},
+            self.default_effect("model"),
+        )
+        if d.effect is Effect.ALLOW and not d.defaulted:
+            for r in matched:
+                if (
+                    not r.shadow
+                    and r.effect == "allow"
+                    and isinstance(r.rule, ast.Rule)
+                    and r.rule.route
+                ):
+                    return _replace_route(d, r.rule.route)
+        return d
+
+    def decide_context_from(self, matched: Sequence[CRule]) -> Decision:
+        return _ranked(
+            EventKind.CONTEXT,
+            matched,
+            _CONTEXT_RANK,
+            {2: Effect.UNTRUSTED, 1: Effect.TRUSTED},
+            self.default_effect("context"),
+        )
+
+    def decide_result_from(self, matched: Sequence[CRule]) -> Decision:
+        enforced = [r for r in matched if not r.shadow]
+        shadow = _ids(r for r in matched if r.shadow)
+        whole = [r for r in enforced if r.effect != "redact" and not _at(r)]
+        redacts = [r for r in enforced if r.effect == "redact"]
+        fields = [r for r in enforced if r.effect != "redact" and _at(r)]
+        produced: set[int] = {r.index for r in redacts}
+        lost: set[int] = set()
+        if whole:
+            top = max(_RESULT_RANK[r.effect] for r in whole)
+            effect = _RESULT_EFFECT[top]
+            for r in whole:
+                (produced if _RESULT_RANK[r.effect] == top else lost).add(r.index)
+            defaulted = False
+        else:
+            effect = self.default_effect("result")
+            defaulted = True
+        # field-level: per path, the strongest class wins
+        best: dict[str, int] = {}
+        for r in fields:
+            for p in _at(r):
+                best[p] = max(best.get(p, 0), _RESULT_RANK[r.effect])
+        for r in fields:
+            if any(_RESULT_RANK[r.effect] == best[p] for p in _at(r)):
+                produced.add(r.index)
+            else:
+                lost.add(r.index)
+        paths: list[tuple[str, Effect]] = [(p, _RESULT_EFFECT[k]) for p, k in best.items()]
+        redact_paths: dict[str, None] = {}
+        patterns: dict[str, None] = {}
+        for r in redacts:
+            for p in _at(r):
+                redact_paths[p] = None
+            using = r.rule.using if isinstance(r.rule, ast.Rule) else ()
+            for u in using or ("secrets",):
+                patterns[u] = None
+        paths.extend((p, Effect.REDACT) for p in redact_paths)
+        options: dict[str, Any] = {}
+        for r in enforced:
+            if r.index in produced and r.effect == "quarantine" and isinstance(r.rule, ast.Rule):
+                for k, v in r.rule.options:
+                    options.setdefault(k, v)
+        winners = [r for r in enforced if r.index in produced]
+        return Decision(
+            EventKind.RESULT,
+            effect,
+            rule_ids=_ids(winners),
+            reasons=_reasons(winners),
+            shadow_hits=shadow,
+            overridden=_ids(r for r in enforced if r.index in lost),
+            defaulted=defaulted,
+            redact_patterns=tuple(patterns),
+            paths=tuple(paths),
+            options=options,
+        )
+
+    def decide_visibility_from(self, results: Sequence[tuple[CRule, Any]]) -> Decision:
+        """``results`` pairs each tool/call candidate with its (three-valued) truth."""
+        kind = EventKind.VISIBILITY
+        shadow = _ids(r for r, t in results if r.shadow and t is True)
+        live = [(r, t) for r, t in results if not r.shadow]
+        hides = [r for r, t in live if r.kind == "tool" and r.effect == "hide" and t is not False]
+        shows = [r for r, t in live if r.kind == "tool" and r.effect == "show" and t is True]
+        if hides:
+            return Decision(
+                kind, Effect.HIDE, _ids(hides), _reasons(hides), shadow, overridden=_ids(shows)
+            )
+        if shows:
+            return Decision(kind, Effect.SHOW, _ids(shows), _reasons(shows), shadow)
+        calls = [(r, t) for r, t in live if r.kind == "call"]
+        forbids = [r for r, t in calls if r.effect == "forbid" and t is True]
+        if forbids:
+            allowed = [r for r, t in calls if r.effect != "forbid" and t is True]
+            return Decision(
+                kind,
+                Effect.HIDE,
+                _ids(forbids),
+                _reasons(forbids),
+                shadow,
+                overridden=_ids(allowed),
+            )
+        possible = [r for r, t in calls if r.effect != "forbid" and t is not False]
+        if possible:
+            return Decision(kind, Effect.SHOW, _ids(possible), _reasons(possible), shadow)
+        default = self.default_effect("call")
+        effect = Effect.HIDE if default is Effect.FORBID else Effect.SHOW
+        return Decision(kind, effect, shadow_hits=shadow, defaulted=True)
+
+    # -- tracing
+    def trace(self, rule: CRule, truth: Any, detail: str) -> RuleTrace:
+        return RuleTrace(
+            rule_id=rule.rule_id,
+            effect=rule.effect,
+            matched=truth is True,
+            shadow=rule.shadow,
+            condition=condition_text(rule.rule),
+            detail=detail,
+            location=rule.location,
+        )
+
+    def explain_rules(
+        self, rules: Sequence[CRule], env_for: Callable[[CRule], Env]
+    ) -> tuple[list[tuple[CRule, Any]], list[RuleTrace]]:
+        results: list[tuple[CRule, Any]] = []
+        traces: list[RuleTrace] = []
+        for r in rules:
+            if r.condition is None:
+                t, detail = True, "no condition"
+            else:
+                t, detail = self.walker.explain(r.condition, env_for(r))
+            results.append((r, t))
+            traces.append(self.trace(r, t, detail))
+        return results, traces
+
+
+def _at(r: CRule) -> tuple[str, ...]:
+    return r.rule.at if isinstance(r.rule, ast.Rule) else ()
+
+
+def _replace_route(d: Decision, route: str) -> Decision:
+    return Decision(
+        d.kind,
+        d.effect,
+        rule_ids=d.rule_ids,
+        reasons=d.reasons,
+        shadow_hits=d.shadow_hits,
+        overridden=d.overridden,
+        defaulted=d.defaulted,
+        route=route,
+    )
+
+
+def fail_closed(kind: EventKind) -> Decision:
+    effect = {
+        EventKind.CALL: Effect.FORBID,
+        EventKind.VISIBILITY: Effect.HIDE,
+        EventKind.RESULT: Effect.BLOCK,
+        EventKind.MODEL: Effect.FORBID,
+        EventKind.CONTEXT: Effect.UNTRUSTED,
+    }[kind]
+    return Decision(kind, effect, reasons=(EVALUATION_ERROR,))
+
+
+# ---- compilation -------------------------------------------------------------------
+
+
+def _file_mode(pf: ast.PolicyFile) -> str:
+    return pf.mode or "enforce"
+
+
+def compile_policy(files: Sequence[ast.PolicyFile], schema: Schema | None = None) -> CompiledPolicy:
+    """Compile parsed files (in load order) into a CompiledPolicy; errors raise PolicyError."""
+    diags: list[Diagnostic] = []
+    warnings: list[Diagnostic] = []
+    sets: dict[str, ast.SetDecl] = {}
+    defaults: dict[str, ast.Default] = {}
+    for pf in files:
+        for st in pf.statements:
+            if isinstance(st, ast.SetDecl):
+                prev = sets.get(st.name)
+                if prev is not None:
+                    diags.append(
+                        Diagnostic(
+                            st.span.file,
+                            st.span.line,
+                            st.span.col,
+                            f"set {st.name!r} is already declared at {prev.span}",
+                            code="duplicate-set",
+                        )
+                    )
+                else:
+                    sets[st.name] = st
+            elif isinstance(st, ast.Default):
+                prev_d = defaults.get(st.kind)
+                if prev_d is not None and prev_d.effect != st.effect:
+                    diags.append(
+                        Diagnostic(
+                            st.span.file,
+                            st.span.line,
+                            st.span.col,
+                            f"'default {st.kind} {st.effect}' conflicts with "
+                            f"'default {st.kind} {prev_d.effect}' at {prev_d.span}",
+                            code="conflicting-default",
+                        )
+                    )
+                elif prev_d is None:
+                    defaults[st.kind] = st
+
+    gen = _Gen(sets, diags)
+    rules: list[CRule] = []
+    pending: list[tuple[CRule, str | None, str | None, str | None]] = []
+
+    def target_patterns(t: ast.Target) -> tuple[str, ...] | None:
+        if t.any:
+            return None
+        if t.set_name is not None:
+            decl = sets.get(t.set_name)
+            if decl is None:
+                gen.error(t.span, f"undefined set {t.set_name!r}")
+                return ()
+            if decl.set_kind == "values":
+                gen.error(
+                    t.span, f"{t.set_name!r} is a values set; a target takes a tools or models set"
+                )
+                return ()
+            return tuple(str(i.value) for i in decl.items)
+        return t.patterns
+
+    indexes = {
+        k: TargetIndex() for k in ("call", "tool", "result", "model", "limit-call", "limit-model")
+    }
+    context_rules: list[CRule] = []
+    for pf in files:
+        file_mode = _file_mode(pf)
+        for st in pf.statements:
+            if not isinstance(st, (ast.Rule, ast.LimitRule)):
+                continue
+            if isinstance(st, ast.Rule):
+                kind, effect = st.kind, st.effect
+            else:
+                kind, effect = f"limit-{st.kind}", "limit"
+            mode = _rule_mode(st) or file_mode
+            cr = CRule(
+                index=len(rules),
+                rule=st,
+                rule_id=st.rule_id,
+                kind=kind,
+                effect=effect,
+                shadow=mode == "shadow",
+                reason=st.reason,
+                location=str(st.span),
+                condition=st.condition,
+            )
+            rules.append(cr)
+            hoist_src, resid_src, by_src = _compile_condition(gen, cr, st)
+            pending.append((cr, hoist_src, resid_src, by_src))
+            if kind == "context":
+                context_rules.append(cr)
+            else:
+                indexes[kind].add(cr.index, target_patterns(st.target))
+    if diags:
+        raise PolicyError(diags)
+    namespace = gen.build()
+    for cr, h, rsrc, b in pending:
+        cr.hoisted = namespace[h] if h else None
+        cr.residual = namespace[rsrc] if rsrc else None
+        cr.by = namespace[b] if b else None
+    set_values: dict[str, Any] = {}
+    for name, decl in sets.items():
+        if decl.set_kind == "values":
+            set_values[name] = tuple(i.value for i in decl.items)
+        else:
+            set_values[name] = PatternSet(name, tuple(str(i.value) for i in decl.items))
+    return CompiledPolicy(
+        rules=tuple(rules),
+        defaults={k: d.effect for k, d in defaults.items()},
+        schema=schema,
+        sets=set_values,
+        indexes=indexes,
+        context_rules=tuple(context_rules),
+        warnings=tuple(warnings),
+    )
+
+
+def _rule_mode(st: ast.Rule | ast.LimitRule) -> str | None:
+    for a in st.annotations:
+        if a.name == "mode" and a.args and isinstance(a.args[0], str):
+            return a.args[0]
+    return None
+
+
+_PARAMS = "I, A, T, C, R, X"
+
+
+def _compile_condition(
+    gen: _Gen, cr: CRule, st: ast.Rule | ast.LimitRule
+) -> tuple[str | None, str | None, str | None]:
+    by_name: str | None = None
+    if isinstance(st, ast.LimitRule):
+        by = st.by or ast.Path("identity", ("sub",))
+        by_name = gen.function(_PARAMS, gen.value(by, cr.kind))
+    cond = st.condition
+    if cond is None:
+        return None, None, by_name
+    items = cond.items if isinstance(cond, ast.And) else (cond,)
+    available = _ROOTS_BY_KIND[cr.kind]
+    hoist: list[ast.Expr] = []
+    rest: list[ast.Expr] = []
+    for item in items:
+        roots = roots_of(item) & available
+        (hoist if roots <= {"identity"} else rest).append(item)
+        if roots & {"args", "destinations"}:
+            cr.uses_unknown = True
+    h = gen.function("I", " and ".join(gen.cond(e, cr.kind) for e in hoist)) if hoist else None
+    r = gen.function(_PARAMS, " and ".join(gen.cond(e, cr.kind) for e in rest)) if rest else None
+    return h, r, by_name
+
+
+def decision_with_trace(d: Decision, trace: Sequence[RuleTrace]) -> Decision:
+    return Decision(
+        d.kind,
+        d.effect,
+        rule_ids=d.rule_ids,
+        reasons=d.reasons,
+        shadow_hits=d.shadow_hits,
+        overridden=d.overridden,
+        defaulted=d.defaulted,
+        route=d.route,
+        redact_patterns=d.redact_patterns,
+        paths=d.paths,
+        options=d.options,
+        trace=tuple(trace),
+    )
