@@ -142,7 +142,8 @@ def format_expr(e: ast.Expr) -> str:
     if isinstance(e, ast.From):
         return f"{_sub(e.value, _SUM)} from {e.source}"
     if isinstance(e, ast.Not):
-        return f"not {_sub(e.operand, _NOT)}"
+        # "not a == b" reads as "(not a) == b" to people; the parentheses say what it is.
+        return f"not {_sub(e.operand, _SUM)}"
     if isinstance(e, ast.And):
         # An And directly inside an And would merge when read back: keep parentheses.
         return " and ".join(_sub(i, _NOT) for i in e.items)

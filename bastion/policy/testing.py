@@ -58,12 +58,16 @@ __all__ = [
     "TEST_SUFFIX",
     "CaseResult",
     "TestReport",
+    "context_from",
+    "decision_to_json",
     "discover",
     "format_decision",
     "format_report",
     "format_trace",
+    "identity_from",
     "report_json",
     "run_tests",
+    "tool_from",
 ]
 
 TEST_SUFFIX = ".test.yaml"
@@ -255,7 +259,11 @@ def _load_file(path: str, report: TestReport) -> tuple[TestFile, list[int]] | No
         return None
 
 
-def _identity(spec: str | Mapping[str, Any], named: Mapping[str, Mapping[str, Any]]) -> Identity:
+def identity_from(
+    spec: str | Mapping[str, Any], named: Mapping[str, Mapping[str, Any]] | None = None
+) -> Identity:
+    """An Identity from its YAML/JSON description (``sub``, ``groups``..., other keys are attributes)."""
+    named = named or {}
     if isinstance(spec, str):
         if spec not in named:
             raise ValueError(f"unknown identity {spec!r} (declare it under 'identities')")
@@ -274,7 +282,8 @@ def _identity(spec: str | Mapping[str, Any], named: Mapping[str, Mapping[str, An
     return Identity(subject=str(subject), attributes=data, **kwargs)
 
 
-def _context(spec: Mapping[str, Any]) -> Context:
+def context_from(spec: Mapping[str, Any]) -> Context:
+    """A Context from its YAML/JSON description (see the module docstring)."""
     data = dict(spec)
     kwargs: dict[str, Any] = {k: data.pop(k) for k in _CONTEXT_KEYS if k in data}
     if "taint_sources" in data:
@@ -292,7 +301,8 @@ def _context(spec: Mapping[str, Any]) -> Context:
     return Context(attributes=data, **kwargs)
 
 
-def _tool(name: str, tools: Mapping[str, ToolEntry]) -> ToolSpec:
+def tool_from(name: str, tools: Mapping[str, ToolEntry]) -> ToolSpec:
+    """The ToolSpec of ``name``: as described in ``tools``, else bare."""
     entry = tools.get(name)
     if entry is None:
         return ToolSpec.named(name)
@@ -311,14 +321,14 @@ def _tool(name: str, tools: Mapping[str, ToolEntry]) -> ToolSpec:
 def _decide(
     policy: Any, tf: TestFile, case: Case
 ) -> tuple[Decision | None, tuple[str, ...] | None]:
-    identity = _identity(case.identity, tf.identities)
-    context = _context(case.context)
+    identity = identity_from(case.identity, tf.identities)
+    context = context_from(case.context)
     request = RequestInfo(**case.request.model_dump()) if case.request is not None else None
     if case.call is not None:
         return (
             policy.decide_call(
                 identity,
-                _tool(case.call, tf.tools),
+                tool_from(case.call, tf.tools),
                 case.args,
                 context,
                 request=request,
@@ -327,14 +337,14 @@ def _decide(
             None,
         )
     if case.list is not None:
-        specs = [_tool(n, tf.tools) for n in case.list]
+        specs = [tool_from(n, tf.tools) for n in case.list]
         visible = policy.visible_tools(identity, specs, context)
         return None, tuple(t if isinstance(t, str) else t.name for t in visible)
     if case.result is not None:
         return (
             policy.classify_result(
                 identity,
-                _tool(case.result, tf.tools),
+                tool_from(case.result, tf.tools),
                 case.args,
                 {"content": case.output, "isError": case.is_error}
                 if case.is_error
@@ -351,7 +361,7 @@ def _decide(
             else ModelRequest(**case.model.model_dump())
         )
         return policy.decide_model(identity, model, context=context, explain=True), None
-    return policy.decide_context(identity, request=request, explain=True), None
+    return policy.decidecontext_from(identity, request=request, explain=True), None
 
 
 def _compare(case: Case, decision: Decision | None, visible: tuple[str, ...] | None) -> list[str]:
@@ -426,11 +436,11 @@ def _run_file(path: str, report: TestReport) -> None:
 
 
 def _visibility_trace(policy: Any, tf: TestFile, case: Case) -> str:
-    identity = _identity(case.identity, tf.identities)
-    context = _context(case.context)
+    identity = identity_from(case.identity, tf.identities)
+    context = context_from(case.context)
     parts: list[str] = []
     for name in case.list or ():
-        d = policy.decide_visibility(identity, _tool(name, tf.tools), context, explain=True)
+        d = policy.decide_visibility(identity, tool_from(name, tf.tools), context, explain=True)
         parts.append(f"{name}:\n" + _indent(format_decision(d), "  "))
     return "\n".join(parts)
 
@@ -497,6 +507,39 @@ def format_decision(decision: Decision) -> str:
         lines.append("trace:")
         lines.append(_indent(format_trace(decision.trace), "  "))
     return "\n".join(lines)
+
+
+def decision_to_json(decision: Decision) -> dict[str, Any]:
+    """A decision as plain data (``--format json``)."""
+    return {
+        "kind": decision.kind.value,
+        "effect": decision.effect.value,
+        "allowed": decision.allowed,
+        "reason": decision.reason,
+        "rule_ids": list(decision.rule_ids),
+        "reasons": list(decision.reasons),
+        "overridden": list(decision.overridden),
+        "shadow_hits": list(decision.shadow_hits),
+        "defaulted": decision.defaulted,
+        "route": decision.route,
+        "redact_patterns": list(decision.redact_patterns),
+        "paths": {p: e.value for p, e in decision.paths},
+        "options": dict(decision.options),
+        "trace": None
+        if decision.trace is None
+        else [
+            {
+                "rule_id": t.rule_id,
+                "effect": t.effect,
+                "matched": t.matched,
+                "shadow": t.shadow,
+                "condition": t.condition,
+                "detail": t.detail,
+                "location": t.location,
+            }
+            for t in decision.trace
+        ],
+    }
 
 
 def format_report(report: TestReport) -> str:

@@ -387,3 +387,9 @@ def test_formatting_source_keeps_ast_and_comments_and_is_idempotent(
     assert format_source(once, PATH) == once
     kept = [c.text for c in parse_source(once, PATH).comments]
     assert kept == comments
+
+
+def test_negated_comparison_keeps_its_parentheses() -> None:
+    assert roundtrip("allow call * when not (args.a == 1) and not context.tainted") == (
+        "allow call * when not (args.a == 1) and not context.tainted\n"
+    )
