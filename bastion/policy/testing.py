@@ -338,7 +338,7 @@ def _decide(
         )
     if case.list is not None:
         specs = [tool_from(n, tf.tools) for n in case.list]
-        visible = policy.visible_tools(identity, specs, context)
+        visible = policy.visible_tools(identity, specs, context, request=request)
         return None, tuple(t if isinstance(t, str) else t.name for t in visible)
     if case.result is not None:
         return (
@@ -361,7 +361,7 @@ def _decide(
             else ModelRequest(**case.model.model_dump())
         )
         return policy.decide_model(identity, model, context=context, explain=True), None
-    return policy.decidecontext_from(identity, request=request, explain=True), None
+    return policy.decide_context(identity, request=request, explain=True), None
 
 
 def _compare(case: Case, decision: Decision | None, visible: tuple[str, ...] | None) -> list[str]:
