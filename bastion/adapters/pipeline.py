@@ -1,0 +1,1388 @@
+"""The guard pipeline: one codec + engine pipeline behind every front door.
+
+:class:`Guard` holds the configuration (policy, identity source, routes,
+session services, quarantine, audit hook, limits). The ASGI middleware and
+the httpx/httpx2 transports are thin: they hand it a request and forward what
+it returns, so a rule behaves the same wherever Bastion is mounted::
+
+    guard = Guard(policy, identity=Identity("agent"))
+    route = guard.route(method, path)               # None: not guarded, pass through
+    outcome = await guard.request(route, method, path, headers, body, client)
+    if isinstance(outcome, Reply):                  # Bastion answers (refusal, error)
+        ...send outcome.status, outcome.headers, outcome.body
+    else:                                           # Forward: send outcome.body upstream
+        upstream = ...
+        response = await outcome.exchange.response(status, headers)
+        response.mode == "pass"                     # forward the upstream body untouched
+        response.mode == "buffer"                   # response.collect(chunk)...; await response.complete() -> Reply
+        response.mode == "stream"                   # await response.feed(chunk) -> bytes; await response.close()
+
+Nothing here raises to the front door: a protocol error, an authentication
+failure, a policy refusal or an unexpected exception becomes a well-formed
+error of the protocol in question (OpenAI or Anthropic error JSON, a JSON-RPC
+error, or an error event that ends a stream), audited through ``on_decision``
+as a denial whose ``detail`` names the error. In stream mode ``response.done``
+turns true once the stream was ended that way; forward nothing after it.
+
+Requests (LLM routes): authenticate once, model rules (``Forward.provider``
+is the routed provider), classify every tool output in the conversation
+(redact, block, quarantine in place; taint and trusted/untrusted texts for
+provenance; field-level paths), filter ``tools`` by visibility, forward.
+Responses: every tool call decided once complete (limits, approvals for
+``ask``); refused calls replaced by a refusal text, or the whole response by
+an HTTP error with ``refusal="error"``.
+
+MCP routes: ``tools/call`` decided before it reaches the server (refusal as an
+``isError`` result, or a JSON-RPC error with ``mcp_refusal="error"``),
+``tools/list`` results filtered (and pinned: drift shows in the audit and as
+``context.pin_changed`` / ``context.pins_drifted``), ``tools/call`` results
+classified and tainting the MCP session (``bastion.session.SessionKey``:
+``Mcp-Session-Id`` in handshake revisions, the ``conversation_header`` or the
+identity in 2026-07-28). Calls are decided with the session's taint.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import inspect
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from bastion.adapters.anthropic import AnthropicCodec
+from bastion.adapters.mcp import (
+    JSONRPCMessage,
+    JSONRPCProtocolError,
+    MCPCodec,
+    MCPEventStream,
+    MCPPost,
+)
+from bastion.adapters.openai import OpenAIChatCodec, OpenAIResponsesCodec
+from bastion.adapters.sse import SSEEvent, encode_event
+from bastion.adapters.wire import (
+    BodyDecoder,
+    CallView,
+    StreamRewriter,
+    Verdict,
+    anthropic_error,
+    can_decode,
+    dumps_compact,
+    jsonrpc_error,
+    loads_strict,
+    openai_error,
+    protocol_error_body,
+    refusal_text,
+)
+from bastion.errors import AuthError, ProtocolError, QuarantineError, StoreError
+from bastion.events import (
+    AuditEvent,
+    Context,
+    Decision,
+    Effect,
+    EventKind,
+    Identity,
+    ModelRequest,
+    RequestInfo,
+    ToolCall,
+    ToolResult,
+    ToolSpec,
+)
+from bastion.redaction import Redactor, block_placeholder
+from bastion.session import SessionKey, SessionServices
+
+__all__ = [
+    "DEFAULT_ROUTES",
+    "Exchange",
+    "Forward",
+    "Guard",
+    "IdentitySource",
+    "Reply",
+    "ResponseGuard",
+    "Route",
+]
+
+log = logging.getLogger("bastion.adapters")
+
+Protocol_ = Literal["openai", "openai-responses", "anthropic", "mcp"]
+Headers = list[tuple[str, str]]
+
+DEFAULT_ROUTES: tuple[tuple[str, str], ...] = (
+    ("*/chat/completions", "openai"),
+    ("*/responses", "openai-responses"),
+    ("*/messages", "anthropic"),
+    ("/mcp", "mcp"),
+    ("/mcp/*", "mcp"),
+)
+"""Path globs and the protocol each guards; the first match wins."""
+
+_CODECS: dict[str, Any] = {
+    "openai": OpenAIChatCodec,
+    "openai-responses": OpenAIResponsesCodec,
+    "anthropic": AnthropicCodec,
+}
+_CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "cookie", "proxy-authorization"})
+_HOP_HEADERS = frozenset({"content-length", "content-encoding", "transfer-encoding"})
+_POLICY_DENIED = "policy_denied"
+
+
+class PolicyEngine(Protocol):
+    """What the pipeline needs from :class:`bastion.policy.Policy`."""
+
+    def decide_call(
+        self,
+        identity: Identity,
+        tool: str | ToolSpec,
+        args: Mapping[str, Any],
+        context: Context = ...,
+        *,
+        request: RequestInfo | None = None,
+        explain: bool = False,
+    ) -> Decision: ...
+
+    def decide_visibility(
+        self,
+        identity: Identity,
+        tool: str | ToolSpec,
+        context: Context = ...,
+        *,
+        request: RequestInfo | None = None,
+        explain: bool = False,
+    ) -> Decision: ...
+
+    def classify_result(
+        self,
+        identity: Identity,
+        tool: str | ToolSpec,
+        args: Mapping[str, Any],
+        result: Any,
+        context: Context = ...,
+        *,
+        request: RequestInfo | None = None,
+        explain: bool = False,
+    ) -> Decision: ...
+
+    def decide_model(
+        self,
+        identity: Identity,
+        model: str | ModelRequest,
+        context: Context = ...,
+        *,
+        request: RequestInfo | None = None,
+        explain: bool = False,
+    ) -> Decision: ...
+
+    def decide_context(
+        self, identity: Identity, *, request: RequestInfo | None = None, explain: bool = False
+    ) -> Decision: ...
+
+    def limits(
+        self,
+        kind: Literal["call", "model"],
+        identity: Identity,
+        name: str,
+        args: Mapping[str, Any] = ...,
+        context: Context = ...,
+        *,
+        request: RequestInfo | None = None,
+    ) -> Sequence[Any]: ...
+
+
+IdentitySource = (
+    Identity | Callable[[Mapping[str, str]], Identity | Awaitable[Identity]] | Any | None
+)
+"""A fixed :class:`Identity`, an ``IdentityResolver`` (anything with ``authenticate``),
+a callable taking the lower-case request headers, or None (anonymous)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Which protocol guards a path; ``server`` names an MCP upstream (``tool.server``)."""
+
+    protocol: str
+    server: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An answer Bastion gives itself: a refusal, an error, or a rewritten response."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
+@dataclass(slots=True)
+class Forward:
+    """Forward this request upstream: ``body`` with ``headers`` (content-length set)."""
+
+    body: bytes
+    headers: Headers
+    exchange: Exchange
+    provider: str | None = None
+
+
+def _json_reply(status: int, body: bytes, extra: Iterable[tuple[str, str]] = ()) -> Reply:
+    headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
+    headers.extend(extra)
+    return Reply(status, headers, body)
+
+
+def _header(headers: Headers, name: str) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def _without(headers: Headers, names: frozenset[str]) -> Headers:
+    return [(k, v) for k, v in headers if k not in names]
+
+
+def _denial(kind: EventKind, code: str, reason: str) -> Decision:
+    effect = Effect.BLOCK if kind is EventKind.RESULT else Effect.FORBID
+    return Decision(kind, effect, rule_ids=(f"bastion:{code}",), reasons=(reason,))
+
+
+# ---------------------------------------------------------------- content helpers
+
+
+def _plain_text(content: Any) -> str:
+    """The text of a tool output for provenance and taint (strings, text blocks, JSON)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for block in content:
+            if isinstance(block, dict):
+                if isinstance(block.get("text"), str):
+                    parts.append(block["text"])
+                elif isinstance(block.get("resource"), dict) and isinstance(
+                    block["resource"].get("text"), str
+                ):
+                    parts.append(block["resource"]["text"])
+                elif "content" in block:
+                    parts.append(_plain_text(block["content"]))
+            elif isinstance(block, str):
+                parts.append(block)
+        return "\n".join(parts)
+    if isinstance(content, dict):
+        if isinstance(content.get("content"), list):
+            text = _plain_text(content["content"])
+            if "structuredContent" in content:
+                text += "\n" + json.dumps(content["structuredContent"], ensure_ascii=False)
+            return text
+        return json.dumps(content, ensure_ascii=False)
+    if content is None:
+        return ""
+    return json.dumps(content, ensure_ascii=False)
+
+
+_PATH_PART = re.compile(r"\[(\d+|\*)\]|\.?([^.\[\]]+)")
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_path(path: str) -> tuple[str | int, ...]:
+    text = path[2:] if path.startswith("$.") else path.lstrip("$")
+    parts: list[str | int] = []
+    for match in _PATH_PART.finditer(text):
+        index, key = match.groups()
+        if index is not None:
+            parts.append("*" if index == "*" else int(index))
+        else:
+            parts.append(key)
+    return tuple(parts)
+
+
+def _select(doc: Any, parts: tuple[str | int, ...]) -> list[tuple[Any, str | int]]:
+    """(container, key) pairs the path points at (``*`` matches every key or index)."""
+    current: list[Any] = [doc]
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        found: list[tuple[Any, str | int]] = []
+        for node in current:
+            if part == "*":
+                if isinstance(node, dict):
+                    found.extend((node, k) for k in node)
+                elif isinstance(node, list):
+                    found.extend((node, k) for k in range(len(node)))
+            elif (isinstance(node, dict) and isinstance(part, str) and part in node) or (
+                isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+            ):
+                found.append((node, part))
+        if last:
+            return found
+        current = [c[k] for c, k in found]
+    return []
+
+
+# ---------------------------------------------------------------- routing
+
+
+def _compile_routes(routes: Mapping[str, str | Route] | Sequence[tuple[str, str | Route]] | None):  # type: ignore[no-untyped-def]
+    items = list(routes.items()) if isinstance(routes, Mapping) else list(routes or DEFAULT_ROUTES)
+    compiled: list[tuple[re.Pattern[str], Route]] = []
+    for pattern, target in items:
+        route = target if isinstance(target, Route) else Route(target)
+        if route.protocol not in (*_CODECS, "mcp"):
+            raise ValueError(f"unknown protocol {route.protocol!r} for route {pattern!r}")
+        compiled.append((re.compile(fnmatch.translate(pattern)), route))
+    return compiled
+
+
+# ---------------------------------------------------------------- the guard
+
+
+OnDecision = Callable[[AuditEvent], None]
+
+
+class Guard:
+    """The configured pipeline shared by :class:`BastionMiddleware` and the transports.
+
+    ``policy``: a :class:`bastion.policy.Policy`. ``identity``: see
+    :data:`IdentitySource`. ``routes``: ``{path glob: protocol or Route}``
+    (protocols ``openai``, ``openai-responses``, ``anthropic``, ``mcp``;
+    default :data:`DEFAULT_ROUTES`). ``session``: :class:`SessionServices`
+    (default: in-memory). ``quarantine``: a ``bastion.quarantine.Quarantine``
+    (without one, quarantined output is blocked). ``on_decision``: the audit
+    hook, called for every decision. ``refusal``: ``"text"`` (refused calls
+    replaced by an assistant text) or ``"error"`` (HTTP 403).
+    ``mcp_refusal``: ``"result"`` (an ``isError`` tool result) or ``"error"``
+    (JSON-RPC error). ``unknown``: ``"pass"`` or ``"deny"`` for paths no route
+    guards and non-HTTP scopes other than lifespan. ``max_body_size`` bounds
+    request bodies (413) and ``max_response_size`` buffered response bodies;
+    ``max_pending`` the bytes a stream may hold while calls are undecided.
+    """
+
+    def __init__(
+        self,
+        policy: PolicyEngine,
+        *,
+        identity: IdentitySource = None,
+        routes: Mapping[str, str | Route] | Sequence[tuple[str, str | Route]] | None = None,
+        session: SessionServices | None = None,
+        quarantine: Any = None,
+        on_decision: OnDecision | None = None,
+        refusal: Literal["text", "error"] = "text",
+        mcp_refusal: Literal["result", "error"] = "result",
+        unknown: Literal["pass", "deny"] = "pass",
+        conversation_header: str = "x-bastion-conversation",
+        max_body_size: int = 10 * 1024 * 1024,
+        max_response_size: int = 32 * 1024 * 1024,
+        max_pending: int = 4 * 1024 * 1024,
+    ) -> None:
+        self.policy = policy
+        self.identity_source = identity
+        self._fixed = identity if isinstance(identity, Identity) else None
+        self._routes = _compile_routes(routes)
+        self._route_cache: dict[str, Route | None] = {}
+        self.session = session or SessionServices.open()
+        self.quarantine = quarantine
+        self.on_decision = on_decision
+        self.refusal = refusal
+        self.mcp_refusal = mcp_refusal
+        self.unknown = unknown
+        self.conversation_header = conversation_header.lower()
+        self.max_body_size = max_body_size
+        self.max_response_size = max_response_size
+        self.max_pending = max_pending
+        # Tool definitions from MCP tools/list replies, so calls see annotations.
+        self._mcp_specs: dict[tuple[str | None, str], ToolSpec] = {}
+
+    # -- routing
+
+    def route(self, method: str, path: str) -> Route | None:
+        """The route guarding ``path`` (None: not guarded). LLM routes guard POST only."""
+        route = self._route_cache.get(path, _MISS)
+        if route is _MISS:
+            route = next((r for rx, r in self._routes if rx.match(path)), None)
+            if len(self._route_cache) > 4096:
+                self._route_cache.clear()
+            self._route_cache[path] = route
+        if route is not None and route.protocol != "mcp" and method != "POST":
+            return None
+        found: Route | None = route
+        return found
+
+    # -- audit
+
+    def audit(self, event: AuditEvent) -> None:
+        if self.on_decision is not None:
+            self.on_decision(event)
+
+    def _audit_quietly(self, event: AuditEvent) -> None:
+        try:
+            self.audit(event)
+        except Exception:
+            log.exception("audit hook failed while recording a denial")
+
+    def deny_unrouted(self, method: str, path: str, protocol: str = "http") -> Reply:
+        """The 404 for a path no route guards when ``unknown="deny"`` (audited)."""
+        self._audit_quietly(
+            AuditEvent(
+                _denial(EventKind.CALL, "unrouted", "no route guards this path"),
+                Identity.anonymous_identity(),
+                path,
+                protocol,
+                RequestInfo(method=method, path=path),
+                detail={"error": "unrouted"},
+            )
+        )
+        return _json_reply(404, dumps_compact(openai_error("not found", type="not_found_error")))
+
+    def reject(self, route: Route, method: str, path: str, exc: ProtocolError) -> Reply:
+        """Answer (and audit) traffic refused before the pipeline could read it."""
+        info = RequestInfo(method=method, path=path, protocol=route.protocol)
+        return Exchange(self, route, info, _ANONYMOUS).error_reply(exc)
+
+    # -- identity
+
+    async def _authenticate(self, headers: Headers) -> Identity:
+        if self._fixed is not None:
+            return self._fixed
+        source: Any = self.identity_source
+        if source is None:
+            return _ANONYMOUS
+        if hasattr(source, "authenticate"):
+            from bastion.identity import credential_headers
+
+            raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+            auth = await source.authenticate(credential_headers(raw))
+            identity: Identity = auth.identity
+            return identity
+        value = source(dict(headers))
+        if inspect.isawaitable(value):
+            value = await value
+        if not isinstance(value, Identity):
+            raise AuthError("identity callable did not return an Identity", status=500)
+        return value
+
+    # -- requests
+
+    async def request(
+        self,
+        route: Route,
+        method: str,
+        path: str,
+        headers: Headers,
+        body: bytes,
+        client: str | None = None,
+    ) -> Reply | Forward:
+        """Guard one request (``headers`` lower-case names). Never raises."""
+        info = RequestInfo(
+            method=method,
+            path=path,
+            client=client,
+            headers={k: v for k, v in headers if k not in _CREDENTIAL_HEADERS},
+            protocol=route.protocol,
+        )
+        exchange = Exchange(self, route, info, _ANONYMOUS)
+        try:
+            exchange.identity = await self._authenticate(headers)
+            if route.protocol == "mcp" and method != "POST":
+                return Forward(body, headers, exchange)
+            body = self._request_body(headers, body)
+            headers = _without(headers, _HOP_HEADERS)
+            headers.append(("content-length", str(len(body))))
+            if route.protocol == "mcp":
+                return await exchange.mcp_request(headers, body)
+            return await exchange.llm_request(headers, body)
+        except Exception as exc:
+            return exchange.error_reply(exc)
+
+    def _request_body(self, headers: Headers, body: bytes) -> bytes:
+        if len(body) > self.max_body_size:
+            raise ProtocolError(
+                f"request body larger than {self.max_body_size} bytes",
+                status=413,
+                code="body_too_large",
+            )
+        encoding = _header(headers, "content-encoding")
+        if encoding and encoding.strip().lower() != "identity":
+            return _decode_whole(body, encoding, self.max_body_size, status=415)
+        return body
+
+    def spec_for(self, route: Route, name: str) -> ToolSpec:
+        spec = self._mcp_specs.get((route.server, name))
+        if spec is None:
+            spec = (
+                ToolSpec.named(name, server=route.server) if route.server else ToolSpec.named(name)
+            )
+        return spec
+
+    def remember_specs(self, route: Route, specs: Iterable[ToolSpec]) -> None:
+        if len(self._mcp_specs) > 10_000:
+            self._mcp_specs.clear()
+        for spec in specs:
+            self._mcp_specs[(route.server, spec.name)] = spec
+
+
+_MISS: Any = object()
+_ANONYMOUS = Identity.anonymous_identity()
+
+
+def _decode_whole(body: bytes, encoding: str, limit: int, *, status: int) -> bytes:
+    if not can_decode(encoding):
+        raise ProtocolError(
+            f"unsupported content encoding {encoding!r}", status=status, code="unsupported_encoding"
+        )
+    decoder = BodyDecoder(encoding, max_size=limit)
+    out = decoder.feed(body)
+    decoder.close()
+    return out
+
+
+# ---------------------------------------------------------------- per-request state
+
+
+@dataclass(slots=True)
+class _CallOutcome:
+    allowed: bool
+    text: str = ""
+    decision: Decision | None = None
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One guarded request and its response: identity, context, codec state."""
+
+    guard: Guard
+    route: Route
+    info: RequestInfo
+    identity: Identity
+    context: Context = field(default_factory=Context)
+    specs: dict[str, ToolSpec] = field(default_factory=dict)
+    parsed: Any = None
+    session_key: SessionKey | None = None
+    # MCP: request id -> ("list", cursor) or ("call", ToolCall)
+    pending: dict[str | int, tuple[str, Any]] = field(default_factory=dict)
+    local_answers: list[dict[str, Any]] = field(default_factory=list)
+    model: str | None = None
+
+    @property
+    def protocol(self) -> str:
+        return self.route.protocol
+
+    # -- errors and audit
+
+    def event(
+        self,
+        decision: Decision,
+        target: str,
+        *,
+        arguments: Mapping[str, Any] | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> AuditEvent:
+        return AuditEvent(
+            decision,
+            self.identity,
+            target,
+            self.protocol,
+            self.info,
+            session=self.context.session,
+            arguments=arguments,
+            taint_sources=self.context.taint_sources,
+            detail=detail or {},
+        )
+
+    def error_reply(self, exc: BaseException, *, request_id: str | int | None = None) -> Reply:
+        """Audit ``exc`` as a denial and answer it in the route's protocol."""
+        if isinstance(exc, AuthError):
+            proto_exc = ProtocolError(exc.message, status=exc.status, code=exc.code)
+            extra = list(exc.headers.items())
+        elif isinstance(exc, ProtocolError):
+            proto_exc, extra = exc, []
+        else:
+            log.exception("unexpected error in the guard pipeline; denying", exc_info=exc)
+            proto_exc = ProtocolError(
+                "Bastion could not check this request", status=500, code="internal_error"
+            )
+            extra = []
+        self.guard._audit_quietly(
+            self.event(
+                _denial(EventKind.CALL, proto_exc.code, proto_exc.message),
+                self.info.path,
+                detail={"error": proto_exc.code, "message": proto_exc.message},
+            )
+        )
+        if self.protocol == "mcp":
+            if isinstance(proto_exc, JSONRPCProtocolError):
+                rid = request_id if request_id is not None else proto_exc.request_id
+                status = 200 if rid is not None else proto_exc.status
+                return _json_reply(status, dumps_compact(MCPCodec.error_for(proto_exc, rid)), extra)
+            status = 200 if request_id is not None else proto_exc.status
+            return _json_reply(
+                status, dumps_compact(MCPCodec.error_for(proto_exc, request_id)), extra
+            )
+        kind: Literal["openai", "anthropic"] = (
+            "anthropic" if self.protocol == "anthropic" else "openai"
+        )
+        status, body = protocol_error_body(kind, proto_exc)
+        return _json_reply(status, body, extra)
+
+    def policy_reply(self, message: str) -> Reply:
+        """403 in the route's protocol for a policy refusal (already audited)."""
+        if self.protocol == "anthropic":
+            body = dumps_compact(anthropic_error(message, type="permission_error"))
+        else:
+            body = dumps_compact(
+                openai_error(message, type="permission_error", code=_POLICY_DENIED)
+            )
+        return _json_reply(403, body)
+
+    # -- deciding calls
+
+    async def decide_call(self, call: ToolCall, spec: ToolSpec, error: str | None) -> _CallOutcome:
+        guard, identity = self.guard, self.identity
+        if error is not None:
+            decision = _denial(EventKind.CALL, "invalid_arguments", error)
+            guard.audit(self.event(decision, call.name, detail={"error": "invalid_arguments"}))
+            return _CallOutcome(False, refusal_text(call.name, error), decision)
+        decision = guard.policy.decide_call(
+            identity, spec, call.arguments, self.context, request=self.info
+        )
+        detail: dict[str, Any] = {}
+        effect = decision.effect
+        if effect is Effect.ASK:
+            approvals = guard.session.approvals
+            if await approvals.consume(identity, call.name, call.arguments):
+                detail["approval"] = "consumed"
+                effect = Effect.ALLOW
+            else:
+                approval = await approvals.create(
+                    identity,
+                    call.name,
+                    call.arguments,
+                    reason=decision.reason,
+                    session=self.context.session,
+                )
+                detail["approval_id"] = approval.id
+                guard.audit(
+                    self.event(decision, call.name, arguments=call.arguments, detail=detail)
+                )
+                return _CallOutcome(
+                    False,
+                    refusal_text(call.name, decision.reason, approval_id=approval.id),
+                    decision,
+                )
+        if effect is Effect.ALLOW:
+            hit = await self._over_limit("call", call.name, call.arguments)
+            if hit is not None:
+                decision = Decision(
+                    EventKind.CALL,
+                    Effect.FORBID,
+                    rule_ids=(hit.rule_id,),
+                    reasons=(hit.reason or f"rate limit {hit.rule_id} reached",),
+                )
+                detail["limit"] = hit.key
+                effect = Effect.FORBID
+        guard.audit(self.event(decision, call.name, arguments=call.arguments, detail=detail))
+        if effect is Effect.ALLOW:
+            return _CallOutcome(True, decision=decision)
+        return _CallOutcome(False, refusal_text(call.name, decision.reason), decision)
+
+    async def _over_limit(
+        self, kind: Literal["call", "model"], name: str, args: Mapping[str, Any]
+    ) -> Any:
+        hits = self.guard.policy.limits(
+            kind, self.identity, name, args, self.context, request=self.info
+        )
+        limiter = self.guard.session.limits
+        for hit in hits:
+            if hit.unit == "tokens":
+                status = await limiter.check(self.identity, hit.key, hit.amount, hit.window_seconds)
+            else:
+                status = await limiter.check_and_count(
+                    self.identity, hit.key, hit.amount, hit.window_seconds
+                )
+            if not status.allowed:
+                return hit
+        return None
+
+    # -- classifying tool output
+
+    async def classify(
+        self, result: ToolResult, spec: ToolSpec, *, traced: bool = True
+    ) -> tuple[Any, bool, str | None]:
+        """Classify one tool output; returns (new content or the same, changed, untrusted text).
+
+        Updates ``self.context`` (taint, trusted and untrusted texts).
+        """
+        guard = self.guard
+        decision = guard.policy.classify_result(
+            self.identity, spec, result.arguments, result, self.context, request=self.info
+        )
+        content = result.content
+        changed = False
+        detail: dict[str, Any] = {}
+        field_paths = [(p, e) for p, e in decision.paths if e is not Effect.REDACT]
+        redact_paths = [p for p, e in decision.paths if e is Effect.REDACT]
+        if decision.redact_patterns:
+            redactor = Redactor.for_patterns(decision.redact_patterns)
+            counts: Counter[str] = Counter()
+            if redact_paths:
+                content, hit = self._at_paths(
+                    content, redact_paths, lambda v: redactor.redact_json(v, counts=counts)
+                )
+                changed = changed or hit
+            elif isinstance(content, dict) and isinstance(content.get("content"), list):
+                content = redactor.redact_mcp_result(content, counts=counts)
+            else:
+                content = redactor.redact_json(content, counts=counts)
+            if counts:
+                changed = True
+                detail["redacted"] = dict(counts)
+        effect = decision.effect
+        untrusted: str | None = None
+        trusted: str | None = None
+        if effect is Effect.BLOCK:
+            content, changed = (
+                self._replacement(result, block_placeholder(result.name, decision.reason)),
+                True,
+            )
+        elif effect is Effect.QUARANTINE:
+            text, q_detail = await self._quarantine(content, decision, result.name)
+            detail.update(q_detail)
+            content, changed = self._replacement(result, text), True
+        else:
+            if field_paths:
+                content, fchanged, untrusted, trusted = await self._fields(
+                    content, field_paths, decision, result.name, detail
+                )
+                changed = changed or fchanged
+                if effect is Effect.UNTRUSTED:
+                    untrusted = _plain_text(content)
+                    trusted = None
+                elif trusted is None and untrusted is None:
+                    trusted = _plain_text(content)
+            elif effect is Effect.UNTRUSTED:
+                untrusted = _plain_text(content)
+            else:
+                trusted = _plain_text(content)
+            if not traced and untrusted is None:
+                # Output no call in the conversation produced: never trust it.
+                untrusted, trusted = _plain_text(content), None
+                detail["untraced"] = True
+        guard.audit(
+            self.event(
+                decision, result.name or "<untraced>", arguments=result.arguments, detail=detail
+            )
+        )
+        self._add_texts(result.name or "<untraced>", untrusted, trusted)
+        return content, changed, untrusted
+
+    def _add_texts(self, source: str, untrusted: str | None, trusted: str | None) -> None:
+        c = self.context
+        if untrusted is None and trusted is None:
+            return
+        self.context = Context(
+            tainted=c.tainted or untrusted is not None,
+            taint_sources=c.taint_sources | {source} if untrusted is not None else c.taint_sources,
+            session=c.session,
+            turn=c.turn,
+            user_texts=c.user_texts,
+            trusted_texts=c.trusted_texts + ((trusted,) if trusted else ()),
+            untrusted_texts=c.untrusted_texts + ((untrusted,) if untrusted else ()),
+            attributes=c.attributes,
+        )
+
+    def _replacement(self, result: ToolResult, text: str) -> Any:
+        if isinstance(result.content, dict) and "content" in result.content:
+            return {"content": [{"type": "text", "text": text}]}
+        return text
+
+    async def _quarantine(
+        self, content: Any, decision: Decision, tool: str
+    ) -> tuple[str, dict[str, Any]]:
+        service = self.guard.quarantine
+        if service is None:
+            return block_placeholder(tool, "quarantine is not configured"), {
+                "quarantine": {"error": "not configured"}
+            }
+        from bastion.quarantine import QuarantineFailed, QuarantineSpec
+
+        try:
+            spec = QuarantineSpec.from_options(decision.options)
+            outcome = await service.run(_plain_text(content), spec, tool=tool)
+        except (QuarantineError, ValueError) as exc:
+            detail = exc.report.as_detail() if isinstance(exc, QuarantineFailed) else {}
+            detail.setdefault("quarantine", {"error": type(exc).__name__})
+            return block_placeholder(tool, "quarantine failed"), detail
+        return outcome.text, outcome.report.as_detail()
+
+    def _document(self, content: Any) -> tuple[Any, Callable[[Any], Any]] | None:
+        """A JSON document inside ``content`` for field-level rules, and how to put it back."""
+        if isinstance(content, dict) and isinstance(content.get("content"), list):
+            if isinstance(content.get("structuredContent"), dict):
+
+                def put_structured(doc: Any) -> Any:
+                    text = dumps_compact(doc).decode("utf-8")
+                    return {"content": [{"type": "text", "text": text}], "structuredContent": doc}
+
+                return content["structuredContent"], put_structured
+            texts = [
+                b for b in content["content"] if isinstance(b, dict) and b.get("type") == "text"
+            ]
+            if len(texts) == 1 and len(content["content"]) == 1:
+                inner = self._document(texts[0].get("text"))
+                if inner is not None:
+                    doc, put = inner
+                    return doc, lambda d: {"content": [{"type": "text", "text": put(d)}]}
+            return None
+        if isinstance(content, list) and len(content) == 1 and isinstance(content[0], dict):
+            block = content[0]
+            if isinstance(block.get("text"), str):
+                inner = self._document(block["text"])
+                if inner is not None:
+                    doc, put = inner
+                    return doc, lambda d: [{**block, "text": put(d)}]
+            return None
+        if isinstance(content, str):
+            try:
+                doc = loads_strict(content)
+            except ProtocolError:
+                return None
+            if isinstance(doc, dict | list):
+                return doc, lambda d: dumps_compact(d).decode("utf-8")
+        return None
+
+    def _at_paths(
+        self, content: Any, paths: Sequence[str], fn: Callable[[Any], Any]
+    ) -> tuple[Any, bool]:
+        found = self._document(content)
+        if found is None:
+            return fn(content), True
+        doc, put = found
+        hit = False
+        for path in paths:
+            for container, key in _select(doc, _parse_path(path)):
+                new = fn(container[key])
+                if new != container[key]:
+                    container[key] = new
+                    hit = True
+        return (put(doc), True) if hit else (content, False)
+
+    async def _fields(
+        self,
+        content: Any,
+        paths: Sequence[tuple[str, Effect]],
+        decision: Decision,
+        tool: str,
+        detail: dict[str, Any],
+    ) -> tuple[Any, bool, str | None, str | None]:
+        found = self._document(content)
+        if found is None:
+            # No JSON document to apply field rules to: the strongest field class covers it all.
+            if any(e in (Effect.BLOCK, Effect.QUARANTINE) for _, e in paths):
+                return (
+                    block_placeholder(tool, "field-level rule on unstructured output"),
+                    True,
+                    None,
+                    None,
+                )
+            if any(e is Effect.UNTRUSTED for _, e in paths):
+                return content, False, _plain_text(content), None
+            return content, False, None, _plain_text(content)
+        doc, put = found
+        changed = False
+        untrusted: list[str] = []
+        for path, effect in paths:
+            for container, key in _select(doc, _parse_path(path)):
+                value = container[key]
+                if effect is Effect.UNTRUSTED:
+                    untrusted.append(_plain_text(value))
+                elif effect is Effect.BLOCK:
+                    container[key] = block_placeholder(tool, decision.reason)
+                    changed = True
+                elif effect is Effect.QUARANTINE:
+                    text, q_detail = await self._quarantine(value, decision, tool)
+                    detail.setdefault("fields", {})[path] = q_detail
+                    container[key] = text
+                    changed = True
+        # What remains once untrusted fields are taken out is trusted.
+        rest = json.loads(json.dumps(doc))
+        for path, effect in paths:
+            if effect is Effect.UNTRUSTED:
+                for container, key in reversed(_select(rest, _parse_path(path))):
+                    del container[key]
+        trusted = _plain_text(rest)
+        new_content = put(doc) if changed else content
+        return new_content, changed, ("\n".join(untrusted) if untrusted else None), trusted
+
+    # -- LLM requests
+
+    async def llm_request(self, headers: Headers, body: bytes) -> Reply | Forward:
+        guard, identity = self.guard, self.identity
+        codec = _CODECS[self.protocol]
+        req = codec.parse_request(body)
+        self.parsed = req
+        conversation = _header(headers, guard.conversation_header)
+        self.context = Context(session=conversation, user_texts=req.user_texts)
+        changed = False
+        # Model rules.
+        provider: str | None = None
+        model = req.model
+        self.model = model
+        if model is not None:
+            model_req = ModelRequest(
+                model, protocol=self.protocol, max_tokens=getattr(req, "max_tokens", None)
+            )
+            decision = guard.policy.decide_model(
+                identity, model_req, self.context, request=self.info
+            )
+            if decision.effect is not Effect.ALLOW:
+                guard.audit(self.event(decision, model))
+                return self.policy_reply(f"model {model!r} is not allowed: {decision.reason}")
+            hit = await self._over_limit("model", model, {})
+            if hit is not None:
+                denied = Decision(
+                    EventKind.MODEL,
+                    Effect.FORBID,
+                    rule_ids=(hit.rule_id,),
+                    reasons=(hit.reason or f"limit {hit.rule_id} reached",),
+                )
+                guard.audit(self.event(denied, model, detail={"limit": hit.key}))
+                return _json_reply(
+                    429,
+                    dumps_compact(
+                        anthropic_error(denied.reason, type="rate_limit_error")
+                        if self.protocol == "anthropic"
+                        else openai_error(
+                            denied.reason, type="rate_limit_error", code="rate_limited"
+                        )
+                    ),
+                )
+            guard.audit(self.event(decision, model))
+            provider = decision.route
+        # Initial trust.
+        start = guard.policy.decide_context(identity, request=self.info)
+        if start.effect is Effect.UNTRUSTED:
+            self.context = self.context.with_taint("context")
+            guard.audit(self.event(start, "context"))
+        # Tool outputs in the conversation, in order.
+        self.specs = {spec.name: spec for spec in req.tools}
+        for view in req.tool_results:
+            result = view.result
+            spec = self.specs.get(result.name) or ToolSpec.named(result.name)
+            content, rewritten, _ = await self.classify(result, spec, traced=view.traced)
+            if rewritten:
+                req.replace_tool_result(view.location, content)
+                changed = True
+        # Visibility of the offered tools.
+        if req.tools:
+            keep = []
+            for spec in req.tools:
+                decision = guard.policy.decide_visibility(
+                    identity, spec, self.context, request=self.info
+                )
+                guard.audit(self.event(decision, spec.name))
+                if decision.effect is Effect.SHOW:
+                    keep.append(spec.name)
+            if len(keep) != len(req.tools):
+                req.keep_tools(keep)
+                changed = True
+        if changed:
+            body = req.to_bytes()
+            headers = _without(headers, _HOP_HEADERS)
+            headers.append(("content-length", str(len(body))))
+        return Forward(body, headers, self, provider)
+
+    # -- MCP requests
+
+    async def mcp_request(self, headers: Headers, body: bytes) -> Reply | Forward:
+        guard, identity = self.guard, self.identity
+        post: MCPPost = MCPCodec.parse_post(body, headers)
+        self.session_key = SessionKey.from_request(
+            identity,
+            dict(headers),
+            protocol_version=post.revision,
+            conversation_header=guard.conversation_header,
+        )
+        start = guard.policy.decide_context(identity, request=self.info)
+        self.context = Context(session=self.session_key.id)
+        if start.effect is Effect.UNTRUSTED:
+            self.context = self.context.with_taint("context")
+        if any(m.method in ("tools/call", "tools/list") for m in post.messages):
+            state = await guard.session.taint.get_taint(self.session_key)
+            self.context = state.apply(self.context)
+        forwarded: list[JSONRPCMessage] = []
+        for message in post.messages:
+            call = MCPCodec.tool_call(message)
+            if call is not None and message.id is not None:
+                outcome = await self.decide_call(call, guard.spec_for(self.route, call.name), None)
+                if not outcome.allowed:
+                    self.local_answers.append(self._refusal(message.id, outcome))
+                    continue
+                self.pending[message.id] = ("call", call)
+            elif message.method == "tools/list" and message.id is not None:
+                self.pending[message.id] = ("list", MCPCodec.list_cursor(message))
+            forwarded.append(message)
+        if not self.local_answers:
+            return Forward(body, headers, self)
+        if not forwarded:
+            answers = self.local_answers
+            payload = answers if post.batch else answers[0]
+            return _json_reply(200, dumps_compact(payload))
+        body = MCPCodec.encode_reply(forwarded)
+        headers = _without(headers, _HOP_HEADERS)
+        headers.append(("content-length", str(len(body))))
+        return Forward(body, headers, self)
+
+    def _refusal(self, request_id: str | int, outcome: _CallOutcome) -> dict[str, Any]:
+        if self.guard.mcp_refusal == "error":
+            return MCPCodec.refusal_error(request_id, outcome.text)
+        return MCPCodec.refusal_result(request_id, outcome.text)
+
+    async def mcp_message(self, message: JSONRPCMessage) -> JSONRPCMessage:
+        """Rewrite one server message that answers a tracked request."""
+        if message.kind not in ("response", "error") or message.id is None:
+            return message
+        tracked = self.pending.pop(message.id, None)
+        if tracked is None or message.result is None:
+            return message
+        kind, value = tracked
+        if kind == "list":
+            return message.with_result(await self._filter_list(message.result, value))
+        call: ToolCall = value
+        spec = self.guard.spec_for(self.route, call.name)
+        result = MCPCodec.call_result(message.result, call)
+        content, changed, untrusted = await self.classify(result, spec)
+        if untrusted is not None and self.session_key is not None:
+            await self.guard.session.taint.mark_tainted(self.session_key, call.name, untrusted)
+        if not changed:
+            return message
+        new = dict(message.result)
+        new["content"] = content.get("content", []) if isinstance(content, dict) else content
+        if isinstance(content, dict) and "structuredContent" in content:
+            new["structuredContent"] = content["structuredContent"]
+        else:
+            new.pop("structuredContent", None)
+        if content != result.content and _is_block(content):
+            new["isError"] = True
+        return message.with_result(new)
+
+    async def _filter_list(self, result: dict[str, Any], cursor: str | None) -> dict[str, Any]:
+        guard = self.guard
+        specs = MCPCodec.list_tools(result)
+        if self.route.server:
+            specs = [
+                ToolSpec.named(
+                    s.name,
+                    description=s.description,
+                    input_schema=s.input_schema,
+                    annotations=s.annotations,
+                    server=self.route.server,
+                )
+                for s in specs
+            ]
+        guard.remember_specs(self.route, specs)
+        pin_server = f"{self.route.server or self.info.path}#{cursor or ''}"
+        report = await guard.session.pins.check(pin_server, specs)
+        drifted = set(report.added) | set(report.changed)
+        keep: list[str] = []
+        base = self.context
+        for spec in specs:
+            context = base
+            if report.drifted:
+                context = Context(
+                    tainted=base.tainted,
+                    taint_sources=base.taint_sources,
+                    session=base.session,
+                    user_texts=base.user_texts,
+                    trusted_texts=base.trusted_texts,
+                    untrusted_texts=base.untrusted_texts,
+                    attributes={
+                        **base.attributes,
+                        "pins_drifted": True,
+                        "pin_changed": spec.name in drifted,
+                    },
+                )
+            decision = guard.policy.decide_visibility(
+                self.identity, spec, context, request=self.info
+            )
+            detail: dict[str, Any] = {}
+            if spec.name in drifted:
+                detail["pin"] = {
+                    "added": spec.name in report.added,
+                    "changed": list(report.changed.get(spec.name, ())),
+                }
+            guard.audit(self.event(decision, spec.name, detail=detail))
+            if decision.effect is Effect.SHOW:
+                keep.append(spec.name)
+        return MCPCodec.filter_tools(result, keep)
+
+    # -- responses
+
+    async def response(self, status: int, headers: Headers) -> ResponseGuard:
+        """Decide how to handle the upstream response (``headers`` lower-case names)."""
+        return ResponseGuard(self, status, headers)
+
+
+def _is_block(content: Any) -> bool:
+    text = _plain_text(content)
+    return text.startswith("[Bastion blocked the output")
+
+
+# ---------------------------------------------------------------- responses
+
+
+class ResponseGuard:
+    """How one upstream response goes back to the client; see the module docstring."""
+
+    def __init__(self, exchange: Exchange, status: int, headers: Headers) -> None:
+        self.exchange = exchange
+        self.status = status
+        self.done = False
+        self._buffer: list[bytes] = []
+        self._size = 0
+        self._decoder: BodyDecoder | None = None
+        self._rewriter: StreamRewriter | None = None
+        self._events: MCPEventStream | None = None
+        self._stream_kind: str = ""
+        self.mode: Literal["pass", "buffer", "stream"] = "pass"
+        self.headers = headers
+        self._media = ""
+        self._fixed: Reply | None = None
+        try:
+            self._setup(headers)
+        except Exception as exc:
+            self._fail_setup(exc)
+
+    def _setup(self, headers: Headers) -> None:
+        ex = self.exchange
+        media = (_header(headers, "content-type") or "").split(";")[0].strip().lower()
+        if ex.local_answers and self.status == 202:
+            # Every forwarded message was a notification: answer the refused calls instead.
+            self.mode = "buffer"
+            return
+        if ex.info.method != "POST" or not 200 <= self.status < 300:
+            return
+        if ex.protocol == "mcp" and not ex.pending and not ex.local_answers:
+            return
+        encoding = (_header(headers, "content-encoding") or "").strip().lower()
+        if encoding and encoding != "identity":
+            if not can_decode(encoding):
+                raise ProtocolError(
+                    f"upstream response uses an undecodable encoding {encoding!r}",
+                    status=502,
+                    code="unsupported_encoding",
+                )
+            self._decoder = BodyDecoder(encoding, max_size=ex.guard.max_response_size)
+        self._media = media
+        if media == "text/event-stream":
+            self.mode = "stream"
+            if ex.protocol == "mcp":
+                self._events = MCPEventStream()
+            else:
+                self._rewriter = _CODECS[ex.protocol].stream_rewriter(
+                    max_pending=ex.guard.max_pending
+                )
+            self.headers = _without(headers, _HOP_HEADERS)
+            return
+        if media == "application/json" or (media.endswith("+json")):
+            self.mode = "buffer"
+            return
+        raise ProtocolError(
+            f"upstream answered with {media or 'no content type'!r}, which Bastion cannot inspect",
+            status=502,
+            code="invalid_content_type",
+        )
+
+    def _fail_setup(self, exc: BaseException) -> None:
+        self._fixed = self.exchange.error_reply(exc)
+        self.mode = "buffer"
+
+    # -- buffer mode
+
+    def collect(self, chunk: bytes) -> None:
+        """Add a body chunk (buffer mode). Over the size limit the reply becomes an error."""
+        if self._fixed is not None or not chunk:
+            return
+        self._size += len(chunk)
+        if self._size > self.exchange.guard.max_response_size:
+            self._fixed = self.exchange.error_reply(
+                ProtocolError(
+                    "upstream response too large to inspect", status=502, code="response_too_large"
+                )
+            )
+            self._buffer = []
+            return
+        self._buffer.append(chunk)
+
+    async def complete(self) -> Reply:
+        """The response to send (buffer mode). Never raises."""
+        if self._fixed is not None:
+            return self._fixed
+        body = b"".join(self._buffer)
+        self._buffer = []
+        try:
+            if self._decoder is not None:
+                body = self._decoder.feed(body)
+                self._decoder.close()
+            return await self._complete(body)
+        except Exception as exc:
+            return self.exchange.error_reply(exc)
+
+    async def _complete(self, body: bytes) -> Reply:
+        ex = self.exchange
+        headers = _without(self.headers, _HOP_HEADERS)
+        if ex.protocol == "mcp":
+            if self.status == 202:
+                answers = ex.local_answers
+                return _json_reply(200, dumps_compact(answers if len(answers) > 1 else answers[0]))
+            messages = MCPCodec.parse_reply(body, "application/json")
+            out = [await ex.mcp_message(m) for m in messages]
+            raws = [m.raw for m in out] + ex.local_answers
+            is_list = body.lstrip().startswith(b"[") or len(raws) > 1
+            body = dumps_compact(raws if is_list else raws[0])
+            return Reply(self.status, [*headers, ("content-length", str(len(body)))], body)
+        codec = _CODECS[ex.protocol]
+        resp = codec.parse_response(body)
+        refusals: dict[str, str] = {}
+        for view in resp.calls:
+            outcome = await ex.decide_call(view.call, self._spec(view), view.error)
+            if not outcome.allowed:
+                refusals[view.call.id] = outcome.text
+        if refusals and ex.guard.refusal == "error":
+            return ex.policy_reply("; ".join(refusals.values()))
+        if refusals:
+            resp.refuse(refusals)
+            body = resp.to_bytes()
+        return Reply(self.status, [*headers, ("content-length", str(len(body)))], body)
+
+    def _spec(self, view: CallView) -> ToolSpec:
+        return self.exchange.specs.get(view.call.name) or ToolSpec.named(view.call.name)
+
+    # -- stream mode
+
+    async def feed(self, chunk: bytes) -> bytes:
+        """Bytes to send for an upstream chunk (stream mode). Never raises."""
+        if self.done:
+            return b""
+        try:
+            if self._decoder is not None:
+                chunk = self._decoder.feed(chunk)
+            if self._events is not None:
+                return await self._feed_mcp(chunk)
+            assert self._rewriter is not None
+            step = self._rewriter.feed(chunk)
+            if not step.needs_verdict:
+                return step.output
+            return step.output + await self._verdicts(step.needs_verdict)
+        except Exception as exc:
+            return self._abort(exc)
+
+    async def _verdicts(self, views: Sequence[CallView]) -> bytes:
+        ex, rewriter = self.exchange, self._rewriter
+        assert rewriter is not None
+        out: list[bytes] = []
+        pending = list(views)
+        while pending:
+            view = pending.pop(0)
+            outcome = await ex.decide_call(view.call, self._spec(view), view.error)
+            if not outcome.allowed and ex.guard.refusal == "error":
+                raise _PolicyStop(outcome.text)
+            verdict = Verdict.allowed() if outcome.allowed else Verdict.refused(outcome.text)
+            step = rewriter.decide(view.call.id, verdict)
+            out.append(step.output)
+            pending.extend(step.needs_verdict)
+        return b"".join(out)
+
+    async def _feed_mcp(self, chunk: bytes) -> bytes:
+        assert self._events is not None
+        out: list[bytes] = []
+        if self.exchange.local_answers:
+            answers, self.exchange.local_answers = self.exchange.local_answers, []
+            out.extend(
+                encode_event(SSEEvent(data=dumps_compact(a).decode("utf-8"))) for a in answers
+            )
+        for event, messages in self._events.feed(chunk):
+            if not messages:
+                out.append(MCPEventStream.encode(event))
+                continue
+            rewritten = [await self.exchange.mcp_message(m) for m in messages]
+            if all(a is b for a, b in zip(rewritten, messages, strict=True)):
+                out.append(MCPEventStream.encode(event))
+            else:
+                out.append(
+                    MCPEventStream.encode(event, rewritten if len(rewritten) > 1 else rewritten[0])
+                )
+        return b"".join(out)
+
+    async def close(self) -> bytes:
+        """The last bytes once upstream ended (stream mode). Never raises."""
+        if self.done:
+            return b""
+        try:
+            tail = b""
+            if self._decoder is not None:
+                self._decoder.close()
+            if self._events is not None:
+                tail = await self._feed_mcp(b"")
+                self._events.close()
+            else:
+                assert self._rewriter is not None
+                tail = self._rewriter.close()
+            self.done = True
+            return tail
+        except Exception as exc:
+            return self._abort(exc)
+
+    def abort(self, exc: BaseException) -> bytes:
+        """End the stream with an error event (audited); for front doors whose upstream failed."""
+        if self.done:
+            return b""
+        return self._abort(exc)
+
+    def _abort(self, exc: BaseException) -> bytes:
+        self.done = True
+        ex = self.exchange
+        if isinstance(exc, _PolicyStop):
+            message, code, kind = exc.text, _POLICY_DENIED, "permission_error"
+        else:
+            if not isinstance(exc, ProtocolError | StoreError):
+                log.exception("unexpected error in a guarded stream; ending it", exc_info=exc)
+            proto = exc if isinstance(exc, ProtocolError) else None
+            code = proto.code if proto else "internal_error"
+            message = proto.message if proto else "Bastion could not check this stream"
+            kind = "api_error"
+            ex.guard._audit_quietly(
+                ex.event(
+                    _denial(EventKind.CALL, code, message),
+                    ex.info.path,
+                    detail={"error": code, "message": message},
+                )
+            )
+        if ex.protocol == "anthropic":
+            return encode_event(
+                SSEEvent(
+                    data=dumps_compact(anthropic_error(message, type=kind)).decode(), event="error"
+                )
+            )
+        if ex.protocol == "mcp":
+            ids: list[str | int | None] = [*ex.pending] or [None]
+            return b"".join(
+                encode_event(
+                    SSEEvent(
+                        data=dumps_compact(
+                            jsonrpc_error(rid, -32603, message, {"reason": code})
+                        ).decode()
+                    )
+                )
+                for rid in ids
+            )
+        error = openai_error(message, type=kind, code=code)
+        if ex.protocol == "openai-responses":
+            payload = {"type": "error", "code": code, "message": message, "param": None, **error}
+            return encode_event(SSEEvent(data=dumps_compact(payload).decode(), event="error"))
+        return encode_event(SSEEvent(data=dumps_compact(error).decode()))
+
+
+class _PolicyStop(Exception):
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text

@@ -1,0 +1,339 @@
+"""``BastionTransport`` / ``AsyncBastionTransport``: guard an agent's own HTTP client.
+
+Wrap any transport of **httpx** or **httpx2** (the current openai, anthropic
+and mcp SDKs take httpx2 clients); the library is detected from the request
+each call receives, so one class serves both::
+
+    client = openai.OpenAI(http_client=httpx2.Client(
+        transport=BastionTransport(httpx2.HTTPTransport(), policy=policy)))
+    async with httpx2.AsyncClient(transport=AsyncBastionTransport(
+            httpx2.AsyncHTTPTransport(), policy=policy)) as http: ...
+
+Without a wrapped transport, the default HTTP transport of the request's
+library is created on first use. The surface is the transport contract and
+nothing more: ``handle_request`` / ``handle_async_request``, ``close`` /
+``aclose`` (and the context-manager methods clients call).
+
+Both classes drive the one :class:`~bastion.adapters.pipeline.Guard`
+pipeline, which is async (session store, approvals, quarantine). The sync
+transport runs it on a private event loop in a daemon thread, one per
+process, started on first use: the wrapped transport and the caller's thread
+do the I/O, the loop only runs Bastion's checks. So a
+``bastion.session.RedisStore`` used by sync transports belongs to that loop;
+do not share one Guard (or RedisStore) between sync and async transports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from types import ModuleType, TracebackType
+from typing import Any, TypeVar
+
+import httpx
+
+from bastion.adapters.pipeline import Guard, Reply, ResponseGuard
+
+__all__ = ["AsyncBastionTransport", "BastionTransport"]
+
+T = TypeVar("T")
+
+
+def _library(request: Any) -> ModuleType:
+    """httpx or httpx2, whichever built ``request``."""
+    name = type(request).__module__.split(".", 1)[0]
+    module = sys.modules.get(name)
+    if module is None or not hasattr(module, "Response"):
+        raise TypeError(f"unsupported request type {type(request)!r}: use httpx or httpx2")
+    return module
+
+
+def _make_guard(
+    policy: Any, identity: Any, routes: Any, guard: Guard | None, options: Any
+) -> Guard:
+    if guard is not None:
+        return guard
+    if policy is None:
+        raise TypeError("a Bastion transport needs policy= (or guard=)")
+    return Guard(policy, identity=identity, routes=routes, **options)
+
+
+def _reply(lib: ModuleType, reply: Reply) -> Any:
+    return lib.Response(reply.status, headers=reply.headers, content=reply.body)
+
+
+def _request_headers(request: Any) -> list[tuple[str, str]]:
+    return [(k.lower(), v) for k, v in request.headers.multi_items()]
+
+
+def _response_headers(response: Any) -> list[tuple[str, str]]:
+    return [(k.lower(), v) for k, v in response.headers.multi_items()]
+
+
+_STREAM_CLASSES: dict[tuple[str, bool], type] = {}
+
+
+def _stream_class(lib: ModuleType, is_async: bool) -> type:
+    """A guarded byte stream class deriving from ``lib``'s own stream base (clients check it)."""
+    key = (lib.__name__, is_async)
+    cls = _STREAM_CLASSES.get(key)
+    if cls is None:
+        base = lib.AsyncByteStream if is_async else lib.SyncByteStream
+        impl = _AsyncGuardedStream if is_async else _SyncGuardedStream
+        cls = type(impl.__name__, (impl, base), {})
+        _STREAM_CLASSES[key] = cls
+    return cls
+
+
+class _AsyncGuardedStream:
+    def __init__(self, upstream: Any, guard: ResponseGuard) -> None:
+        self._upstream = upstream
+        self._guard = guard
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        guard = self._guard
+        try:
+            async for chunk in self._upstream.stream:
+                out = await guard.feed(chunk)
+                if out:
+                    yield out
+                if guard.done:
+                    return
+            tail = await guard.close()
+        except (httpx.TransportError, _transport_errors()) as exc:
+            tail = guard.abort(exc)
+        if tail:
+            yield tail
+
+    async def aclose(self) -> None:
+        await self._upstream.aclose()
+
+
+class _SyncGuardedStream:
+    def __init__(self, upstream: Any, guard: ResponseGuard, loop: _BackgroundLoop) -> None:
+        self._upstream = upstream
+        self._guard = guard
+        self._loop = loop
+
+    def __iter__(self) -> Iterator[bytes]:
+        guard, run = self._guard, self._loop.run
+        try:
+            for chunk in self._upstream.stream:
+                out = run(guard.feed(chunk))
+                if out:
+                    yield out
+                if guard.done:
+                    return
+            tail = run(guard.close())
+        except (httpx.TransportError, _transport_errors()) as exc:
+            tail = guard.abort(exc)
+        if tail:
+            yield tail
+
+    def close(self) -> None:
+        self._upstream.close()
+
+
+def _transport_errors() -> type[BaseException]:
+    httpx2 = sys.modules.get("httpx2")
+    if httpx2 is not None:
+        error: type[BaseException] = httpx2.TransportError
+        return error
+    return httpx.TransportError
+
+
+class AsyncBastionTransport(httpx.AsyncBaseTransport):
+    """An async transport that guards every request it forwards to ``transport``.
+
+    Options are those of :class:`~bastion.adapters.pipeline.Guard`
+    (``policy``, ``identity``, ``routes``, ``session``, ``on_decision``...), or
+    ``guard=`` for an already configured one.
+    """
+
+    def __init__(
+        self,
+        transport: Any = None,
+        *,
+        policy: Any = None,
+        identity: Any = None,
+        routes: Any = None,
+        guard: Guard | None = None,
+        **options: Any,
+    ) -> None:
+        self.guard = _make_guard(policy, identity, routes, guard, options)
+        self._transport = transport
+
+    def _inner(self, lib: ModuleType) -> Any:
+        if self._transport is None:
+            self._transport = lib.AsyncHTTPTransport()
+        return self._transport
+
+    async def handle_async_request(self, request: Any) -> Any:
+        lib = _library(request)
+        inner = self._inner(lib)
+        guard = self.guard
+        path = request.url.path
+        route = guard.route(request.method, path)
+        if route is None:
+            if guard.unknown == "deny":
+                return _reply(lib, guard.deny_unrouted(request.method, path))
+            return await inner.handle_async_request(request)
+        body = await request.aread()
+        outcome = await guard.request(route, request.method, path, _request_headers(request), body)
+        if isinstance(outcome, Reply):
+            return _reply(lib, outcome)
+        forwarded = lib.Request(
+            request.method,
+            request.url,
+            headers=outcome.headers,
+            content=outcome.body,
+            extensions=request.extensions,
+        )
+        response = await inner.handle_async_request(forwarded)
+        checked = await outcome.exchange.response(response.status_code, _response_headers(response))
+        if checked.mode == "pass":
+            return response
+        if checked.mode == "buffer":
+            try:
+                async for chunk in response.stream:
+                    checked.collect(chunk)
+            finally:
+                await response.aclose()
+            return _reply(lib, await checked.complete())
+        return lib.Response(
+            checked.status,
+            headers=checked.headers,
+            stream=_stream_class(lib, True)(response, checked),
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        if self._transport is not None:
+            await self._transport.aclose()
+
+    async def __aenter__(self) -> AsyncBastionTransport:
+        if self._transport is not None:
+            await self._transport.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        if self._transport is not None:
+            await self._transport.__aexit__(exc_type, exc_value, traceback)
+
+
+class _BackgroundLoop:
+    """The private event loop the sync transport runs the pipeline on."""
+
+    _lock = threading.Lock()
+    _shared: _BackgroundLoop | None = None
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="bastion-guard-loop", daemon=True
+        )
+        self.thread.start()
+
+    @classmethod
+    def shared(cls) -> _BackgroundLoop:
+        with cls._lock:
+            if cls._shared is None:
+                cls._shared = cls()
+            return cls._shared
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self.thread:
+            coro.close()
+            raise RuntimeError("a sync Bastion transport cannot be used from its own loop")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+
+class BastionTransport(httpx.BaseTransport):
+    """A sync transport that guards every request it forwards to ``transport``.
+
+    Same options as :class:`AsyncBastionTransport`; see the module docstring for
+    how the async pipeline runs under it.
+    """
+
+    def __init__(
+        self,
+        transport: Any = None,
+        *,
+        policy: Any = None,
+        identity: Any = None,
+        routes: Any = None,
+        guard: Guard | None = None,
+        **options: Any,
+    ) -> None:
+        self.guard = _make_guard(policy, identity, routes, guard, options)
+        self._transport = transport
+        self._loop = _BackgroundLoop.shared()
+
+    def _inner(self, lib: ModuleType) -> Any:
+        if self._transport is None:
+            self._transport = lib.HTTPTransport()
+        return self._transport
+
+    def handle_request(self, request: Any) -> Any:
+        lib = _library(request)
+        inner = self._inner(lib)
+        guard, run = self.guard, self._loop.run
+        path = request.url.path
+        route = guard.route(request.method, path)
+        if route is None:
+            if guard.unknown == "deny":
+                return _reply(lib, guard.deny_unrouted(request.method, path))
+            return inner.handle_request(request)
+        body = request.read()
+        outcome = run(guard.request(route, request.method, path, _request_headers(request), body))
+        if isinstance(outcome, Reply):
+            return _reply(lib, outcome)
+        forwarded = lib.Request(
+            request.method,
+            request.url,
+            headers=outcome.headers,
+            content=outcome.body,
+            extensions=request.extensions,
+        )
+        response = inner.handle_request(forwarded)
+        checked = run(outcome.exchange.response(response.status_code, _response_headers(response)))
+        if checked.mode == "pass":
+            return response
+        if checked.mode == "buffer":
+            try:
+                for chunk in response.stream:
+                    checked.collect(chunk)
+            finally:
+                response.close()
+            return _reply(lib, run(checked.complete()))
+        return lib.Response(
+            checked.status,
+            headers=checked.headers,
+            stream=_stream_class(lib, False)(response, checked, self._loop),
+            extensions=response.extensions,
+        )
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def __enter__(self) -> BastionTransport:
+        if self._transport is not None:
+            self._transport.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        if self._transport is not None:
+            self._transport.__exit__(exc_type, exc_value, traceback)
