@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
+from bastion.policy.ast import PolicyFile
 from bastion.policy.checker import check
 from bastion.policy.diagnostics import Diagnostic
+from bastion.policy.formatter import format_file
 from bastion.policy.parser import parse_source
 from bastion.policy.schema import Schema
+
+from .test_formatter import policy_files
 
 SCHEMA = Schema.from_mapping(
     {
@@ -359,3 +364,16 @@ def test_every_finding_has_a_position_in_its_file(severity: str) -> None:
     for d in chosen:
         assert d.file == "f0.policy"
         assert d.line >= 1 and d.col >= 1
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pf=policy_files())
+def test_checker_never_raises_and_always_points_into_the_file(pf: PolicyFile) -> None:
+    text = format_file(pf)
+    parsed = parse_source(text, "gen.policy")
+    lines = max(1, text.count("\n"))
+    for schema in (None, SCHEMA):
+        for d in check([parsed], schema):
+            assert d.file == "gen.policy"
+            assert 1 <= d.line <= lines and d.col >= 1
+            assert d.severity in ("error", "warning")
