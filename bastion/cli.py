@@ -441,6 +441,7 @@ def explain_main(argv: list[str]) -> int:
     from bastion.policy.diagnostics import PolicyError
     from bastion.policy.engine import Policy
     from bastion.policy.testing import (
+        ANONYMOUS,
         ToolEntry,
         context_from,
         decision_to_json,
@@ -462,7 +463,7 @@ def explain_main(argv: list[str]) -> int:
             output = args.output  # plain text output is fine too
     try:
         tools = {n: ToolEntry.model_validate(v) for n, v in tools_spec.items()}
-        identity = identity_from(identity_spec or {"sub": "anonymous"})
+        identity = identity_from(identity_spec or ANONYMOUS)
         context = context_from(context_spec)
         request = RequestInfo(**request_spec) if request_spec else None
     except (ValidationError, TypeError, ValueError) as exc:

@@ -55,6 +55,7 @@ from bastion.events import (
 from bastion.policy.diagnostics import Diagnostic, PolicyError
 
 __all__ = [
+    "ANONYMOUS",
     "TEST_SUFFIX",
     "CaseResult",
     "TestReport",
@@ -71,6 +72,8 @@ __all__ = [
 ]
 
 TEST_SUFFIX = ".test.yaml"
+ANONYMOUS: Mapping[str, Any] = {"sub": "anonymous", "anonymous": True}
+"""The identity of a case or ``bastion explain`` that names none."""
 
 _IDENTITY_KEYS = ("groups", "roles", "email", "tenant", "key_id", "issuer", "scopes")
 _CONTEXT_KEYS = ("tainted", "session", "turn")
@@ -107,7 +110,7 @@ class RequestEntry(_Model):
 
 class Case(_Model):
     name: str
-    identity: str | dict[str, Any] = Field(default_factory=lambda: {"sub": "anonymous"})
+    identity: str | dict[str, Any] = Field(default_factory=lambda: dict(ANONYMOUS))
     call: str | None = None
     list: tuple[str, ...] | None = None
     result: str | None = None

@@ -352,3 +352,12 @@ def test_baseline_rules_pass_their_tests() -> None:
     assert report.errors == []
     assert report.failed == 0, format_report(report)
     assert report.passed >= 15
+
+
+def test_case_without_identity_is_anonymous(tmp_path: Path) -> None:
+    f = write(
+        tmp_path,
+        "cases:\n  - {name: anon, call: x, expect: forbid, rules: [no-anon]}\n",
+        policy='default call allow\n@id("no-anon") forbid call * when identity.anonymous\n',
+    )
+    assert run_tests([f]).ok
