@@ -402,7 +402,9 @@ def _interpolate(value: Any, path: tuple[int | str, ...], env: Mapping[str, str]
         if default is not None:
             return default
         raise ConfigError(
-            [f"{file}: {_key_path(path)}: environment variable {name} is not set (write ${{{name}:-default}} for a default)"]
+            [
+                f"{file}: {_key_path(path)}: environment variable {name} is not set (write ${{{name}:-default}} for a default)"
+            ]
         )
 
     return _ENV_REF.sub(substitute, value)
