@@ -19,15 +19,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from servers.llm import ScriptedLLM  # noqa: E402
-from servers.mcp_server import build_mcp_server  # noqa: E402
-from servers.serving import running  # noqa: E402
+from servers.llm import ScriptedLLM
+from servers.mcp_server import build_mcp_server
+from servers.serving import running
 
-from bastion.adapters.asgi import BastionMiddleware  # noqa: E402
-from bastion.adapters.pipeline import Guard  # noqa: E402
-from bastion.errors import AuthError  # noqa: E402
-from bastion.events import AuditEvent, Identity  # noqa: E402
-from bastion.policy import Policy  # noqa: E402
+from bastion.adapters.asgi import BastionMiddleware
+from bastion.adapters.pipeline import Guard
+from bastion.errors import AuthError
+from bastion.events import AuditEvent, Identity
+from bastion.policy import Policy
 
 POLICY = """
 default call allow
