@@ -136,6 +136,14 @@ def _parse(line: bytes, location: str) -> RawRecord:
     return RawRecord(location, data)
 
 
+def _lines(data: bytes) -> Iterator[dict[str, Any]]:
+    for line in data.split(b"\n"):
+        if line.strip():
+            raw = _parse(line, "follow")
+            if raw.data is not None:
+                yield raw.data
+
+
 class JsonlLog:
     """A JSON Lines audit log: the active file and its rotated segments, in chain order."""
 
@@ -189,20 +197,30 @@ class JsonlLog:
                 chunk = f.read()
                 if chunk:
                     pending += chunk
-                    *lines, pending = pending.split(b"\n")
-                    for line in lines:
-                        raw = _parse(line, self.path.name) if line.strip() else None
-                        if raw is not None and raw.data is not None:
-                            yield raw.data
+                    complete, _, pending = pending.rpartition(b"\n")
+                    yield from _lines(complete)
                     continue
                 try:
                     rotated = os.stat(self.path).st_ino != os.fstat(f.fileno()).st_ino
                 except FileNotFoundError:
                     rotated = False
                 if rotated:
+                    # The writer closed the old file before renaming it: whatever
+                    # was appended since the last read is still to be read, and
+                    # so is every segment rotated out after it.
+                    pending += f.read()
+                    old_inode = os.fstat(f.fileno()).st_ino
                     f.close()
-                    f = self.path.open("rb")
+                    yield from _lines(pending)
                     pending = b""
+                    segments = jsonl_segments(self.path)
+                    inodes = [s.stat().st_ino for s in segments]
+                    after = inodes.index(old_inode) + 1 if old_inode in inodes else len(segments)
+                    for segment in segments[after:]:
+                        if segment == self.path:
+                            break
+                        yield from _lines(segment.read_bytes())
+                    f = self.path.open("rb")
                     continue
                 time.sleep(poll)
         finally:
