@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     bound_port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    print(f"bastion gateway listening on http://{shown}:{bound_port}", flush=True)
     for line in describe(app):
-        print(f"  {line}", flush=True)
+        print(line, flush=True)
+    print(f"bastion gateway listening on http://{shown}:{bound_port}", flush=True)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

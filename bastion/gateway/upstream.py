@@ -155,6 +155,13 @@ class SecretScrubber:
         self._pending = data[len(data) - hold :] if hold else b""
         return data[: len(data) - hold] if hold else data
 
+    def clean(self, value: bytes) -> bytes:
+        """``value`` (a whole header value) with every secret removed."""
+        for secret in self._secrets:
+            if secret in value:
+                value = value.replace(secret, SCRUBBED)
+        return value
+
     def flush(self) -> bytes:
         rest, self._pending = self._pending, b""
         return rest
@@ -311,7 +318,7 @@ async def relay(
         if on_start is not None:
             await on_start(response)
         headers = [
-            (name.encode("latin-1"), value.encode("latin-1"))
+            (name.encode("latin-1"), scrubber.clean(value.encode("latin-1")))
             for name, value in response.headers.multi_items()
             if name.lower() not in HOP_BY_HOP
             and (keep_headers is None or keep_headers(name.lower()))
