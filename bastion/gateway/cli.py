@@ -8,9 +8,13 @@ start (address in use, missing extra).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import socket
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from bastion.gateway.config import ConfigError, load_config
@@ -52,6 +56,30 @@ def _uvicorn() -> Any:
             "bastion serve needs uvicorn: pip install 'bastion-guard[server]'"
         ) from None
     return uvicorn
+
+
+def _graceful_server(uvicorn: Any) -> Any:
+    class GatewayServer(uvicorn.Server):  # type: ignore[misc]
+        """uvicorn's server, minus re-raising SIGTERM after the graceful shutdown.
+
+        The lifespan has flushed the audit by then; exiting 0 tells a supervisor
+        the shutdown was the clean one it asked for.
+        """
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return GatewayServer
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -112,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in describe(app):
         print(line, flush=True)
     print(f"bastion gateway listening on http://{shown}:{bound_port}", flush=True)
-    server = uvicorn.Server(
+    server = _graceful_server(uvicorn)(
         uvicorn.Config(
             app,
             log_level=args.log_level,
