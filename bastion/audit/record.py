@@ -38,6 +38,7 @@ __all__ = [
     "new_record_id",
     "record_hash",
     "seal",
+    "seal_json",
 ]
 
 SCHEMA_VERSION = 1
@@ -265,9 +266,12 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(value: Any) -> str:
     """The one serialisation hashes are computed over: sorted keys, no spaces, UTF-8."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(value)
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -281,8 +285,22 @@ def seal(record: Mapping[str, Any], prev_hash: str) -> dict[str, Any]:
     sealed = dict(record)
     sealed.pop("hash", None)
     sealed["prev_hash"] = prev_hash
-    sealed["hash"] = record_hash(sealed)
+    sealed["hash"] = hashlib.sha256(canonical_json(sealed).encode()).hexdigest()
     return sealed
+
+
+def seal_json(record: Mapping[str, Any], prev_hash: str) -> tuple[str, str]:
+    """``record`` chained after ``prev_hash``: its hash and its stored JSON text.
+
+    The text is the canonical body with ``hash`` appended last (one serialisation
+    instead of two); readers re-canonicalise, so key order in storage is free.
+    """
+    body = dict(record)
+    body.pop("hash", None)
+    body["prev_hash"] = prev_hash
+    text = canonical_json(body)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return digest, f'{text[:-1]},"hash":"{digest}"}}'
 
 
 def format_time(epoch: float) -> str:

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from bastion.audit.record import GENESIS_HASH, canonical_json, seal
+from bastion.audit.record import GENESIS_HASH, seal_json
 from bastion.errors import AuditError
 
 __all__ = ["AuditSink", "JsonlSink", "SqliteSink", "jsonl_segments", "open_sink"]
@@ -226,9 +226,8 @@ class JsonlSink:
             prev = self.head
             lines: list[bytes] = []
             for record in records:
-                sealed = seal(record, prev)
-                prev = sealed["hash"]
-                lines.append(canonical_json(sealed).encode() + b"\n")
+                prev, text = seal_json(record, prev)
+                lines.append(text.encode() + b"\n")
             data = b"".join(lines)
             if self._head_stale:
                 # The previous batch is stored but its head is not: retrying here,
@@ -427,16 +426,16 @@ class SqliteSink:
                     prev, _, count = self._read_head()
                     rows = []
                     for record in records:
-                        sealed = seal(record, prev)
-                        prev = sealed["hash"]
+                        link = prev
+                        prev, text = seal_json(record, link)
                         rows.append(
                             (
-                                *sqlite_columns(sealed),
-                                sealed.get("session_id"),
-                                sealed.get("request_id"),
-                                sealed["prev_hash"],
+                                *sqlite_columns(record),
+                                record.get("session_id"),
+                                record.get("request_id"),
+                                link,
                                 prev,
-                                canonical_json(sealed),
+                                text,
                             )
                         )
                     conn.executemany(
