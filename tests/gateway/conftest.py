@@ -245,6 +245,7 @@ def config_yaml(up: Upstreams, directory: Path) -> str:
         mcp:
           github: {{url: "{up.github_url}"}}
           docs: {{url: "{up.docs_url}"}}
+          down: {{url: "{up.down_url}/mcp"}}
         audit:
           sinks: [{{path: audit.jsonl}}]
         approvals:

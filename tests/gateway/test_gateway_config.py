@@ -154,3 +154,12 @@ def test_bastion_serve_reports_a_policy_that_does_not_compile(tmp_path: Path) ->
     assert done.returncode == 2
     assert "policy does not load" in done.stderr and "bad.policy:" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_documented_example_configuration_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "bastion.yaml"
+    config = load_config(example, environ={"GITHUB_MCP_TOKEN": "t"})
+    assert config.provider_for("openai", "gpt-4o-mini") is not None
+    assert config.provider_for("openai", "gpt-4o-mini")[0] == "groq"  # type: ignore[index]
+    assert config.provider_for("anthropic", "claude-sonnet-4")[0] == "anthropic"  # type: ignore[index]
+    assert config.provider_for("anthropic", "gpt-4o") is None

@@ -57,7 +57,7 @@ def mcp_client(url: str, mode: str = "legacy") -> Client:
 def test_startup_banner_names_endpoints_policy_and_upstreams(gateway: Gateway) -> None:
     banner = "\n".join(gateway.banner)
     assert "policy: 6 rules from 1 files" in banner
-    assert "endpoint /mcp (aggregated: github__*, docs__*)" in banner
+    assert "endpoint /mcp (aggregated: github__*, docs__*, down__*)" in banner
     assert "endpoint POST /v1/chat/completions" in banner
     assert "mcp upstream docs:" in banner and "provider anthropic: anthropic at" in banner
 
@@ -302,3 +302,28 @@ def test_unknown_mcp_server_is_a_jsonrpc_error(gateway: Gateway) -> None:
     )
     assert response.status_code in (200, 404)
     assert response.json()["error"]["message"] == "no MCP server named 'nope'"
+
+
+async def test_an_unreachable_mcp_server_is_left_out_of_the_list_and_its_calls_fail_cleanly(
+    gateway: Gateway,
+) -> None:
+    async with mcp_client(gateway.url + "/mcp") as mcp:
+        names = {t.name for t in (await mcp.list_tools()).tools}
+        with pytest.raises(Exception, match="unreachable"):
+            await mcp.call_tool("down__list_issues", {})
+    assert "github__list_issues" in names and not any(n.startswith("down__") for n in names)
+
+
+def test_per_server_proxy_answers_a_down_upstream_with_a_jsonrpc_error(gateway: Gateway) -> None:
+    body = {"jsonrpc": "2.0", "id": 7, "method": "tools/list", "params": {}}
+    response = httpx.post(
+        gateway.url + "/mcp/down",
+        json=body,
+        headers={
+            "authorization": f"Bearer {ALICE}",
+            "accept": "application/json, text/event-stream",
+        },
+    )
+    reply = response.json()
+    assert reply["id"] == 7 and reply["error"]["code"] == -32603
+    assert reply["error"]["data"]["reason"] == "upstream_unreachable"
