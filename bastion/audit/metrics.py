@@ -8,7 +8,7 @@ pass ``metrics.registry`` to an exporter of your own.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from bastion.events import AuditEvent, Effect, EventKind
@@ -148,7 +148,7 @@ class BastionMetrics:
         if decision.effect == Effect.QUARANTINE:
             quarantine = detail.get("quarantine")
             failed = detail.get("quarantine_error") is not None or (
-                isinstance(quarantine, dict) and quarantine.get("error") is not None
+                isinstance(quarantine, Mapping) and quarantine.get("error") is not None
             )
             self.observe_quarantine(failed=failed)
 

@@ -56,7 +56,11 @@ def _flush_at_exit() -> None:
 
 @dataclass(frozen=True, slots=True)
 class AuditStats:
-    """Counters of one trail: records accepted, written (per sink) and dropped."""
+    """Counters of one trail.
+
+    ``accepted`` is approximate when many threads call the hook at once (the hook
+    takes no lock); ``written`` is what the slowest sink stored; ``dropped`` is exact.
+    """
 
     accepted: int
     written: int
@@ -121,6 +125,7 @@ class AuditTrail:
         self._in_flight = 0
         self._accepted = 0
         self._dropped = 0
+        self._drop_lock = threading.Lock()
         self._unlogged_drops = 0
         self._last_drop_log = 0.0
         self._failing = False
@@ -160,19 +165,20 @@ class AuditTrail:
         self._count_drop(1, why)
 
     def _count_drop(self, n: int, why: str) -> None:
-        # Called from callers' threads and the writer; the counters are only
-        # approximate under a race, the log line and metric are not skipped.
-        self._dropped += n
-        self._unlogged_drops += n
+        # Called from callers' threads and the writer: only this slow path locks.
+        with self._drop_lock:
+            self._dropped += n
+            self._unlogged_drops += n
+            now = time.monotonic()
+            count = 0
+            if now - self._last_drop_log >= self.log_interval:
+                self._last_drop_log = now
+                count, self._unlogged_drops = self._unlogged_drops, 0
+            total = self._dropped
         if self.metrics is not None:
             self.metrics.audit_dropped(n)
-        now = time.monotonic()
-        if now - self._last_drop_log >= self.log_interval:
-            self._last_drop_log = now
-            count, self._unlogged_drops = self._unlogged_drops, 0
-            log.error(
-                "audit dropped %d record(s): %s (total dropped: %d)", count, why, self._dropped
-            )
+        if count:
+            log.error("audit dropped %d record(s): %s (total dropped: %d)", count, why, total)
 
     @property
     def healthy(self) -> bool:
