@@ -90,6 +90,8 @@ _PARSE_LEVEL_CODES = frozenset(
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_NOT_SHAPE = bytes(b for b in range(256) if b not in b'"[]{}')
+_PARENS = bytes.maketrans(b"[{]}", b"(())")
 _DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
@@ -111,6 +113,18 @@ def _reject_constant(name: str) -> Any:
 def _check_depth(raw: bytes, max_depth: int) -> None:
     # Cheap upper bound first: fewer openers than the limit cannot nest deeper.
     if raw.count(b"[") + raw.count(b"{") <= max_depth:
+        return
+    # Fast exact check with C-speed bytes operations (the regex below costs ~0.3 ms on
+    # an 8 KB chat body): drop escaped backslashes and quotes, keep only quotes and
+    # brackets, drop strings, then peel innermost bracket pairs once per allowed level.
+    # Anything left (too deep, or unbalanced) goes to the exact computation.
+    shape = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_SHAPE)
+    shape = b"".join(shape.split(b'"')[::2]).translate(_PARENS)
+    for _ in range(max_depth):
+        if not shape:
+            return
+        shape = shape.replace(b"()", b"")
+    if not shape:
         return
     skeleton = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
     if max(itertools.accumulate(_DEPTH_STEP[b] for b in skeleton), default=0) > max_depth:
