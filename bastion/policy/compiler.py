@@ -372,8 +372,7 @@ def identity_attr(identity: Identity, name: str) -> Any:
 def identity_obj(identity: Identity) -> dict[str, Any]:
     out = dict(identity.attributes)
     for k, f in _IDENTITY_FIELDS.items():
-        if k != "subject":
-            out[k] = getattr(identity, f)
+        out[k] = getattr(identity, f)
     return out
 
 
