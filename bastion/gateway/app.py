@@ -377,6 +377,7 @@ class LLMProxy:
             scrubber=SecretScrubber([key.reveal()]),
             max_body_bytes=gw.config.max_body_bytes * 4,
             keep_headers=_keep_llm_header,
+            receive=receive,
         )
         gw.audit_exchange(
             identity,
@@ -462,6 +463,7 @@ class MCPProxy:
             max_body_bytes=gw.config.max_body_bytes * 4,
             request_ids=ids,
             keep_headers=_keep_mcp_header,
+            receive=receive,
         )
         if method == "POST" or exchange.error is not None:
             gw.audit_exchange(identity, f"{server}__*", "mcp", scope, exchange, server=server)

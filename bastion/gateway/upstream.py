@@ -21,9 +21,11 @@ upstream echoes them, across chunk boundaries.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -289,13 +291,15 @@ async def relay(
     max_body_bytes: int,
     request_ids: list[str | int] | None = None,
     keep_headers: Callable[[str], bool] | None = None,
-    on_start: Callable[[httpx.Response], Awaitable[None]] | None = None,
+    receive: Receive | None = None,
 ) -> Exchange:
     """Send ``request`` and relay the reply to the ASGI ``send``; never raises for upstream trouble.
 
     ``request_ids`` (MCP) are the JSON-RPC ids of the POST, answered with errors
     when the upstream fails. ``keep_headers(name)`` chooses reply headers to pass
-    back (default: all but hop-by-hop).
+    back (default: all but hop-by-hop). With ``receive`` (the request body
+    already read), an SSE relay stops, and closes the upstream stream, as soon
+    as the agent disconnects.
     """
     ids = request_ids or []
     exchange = Exchange()
@@ -315,8 +319,6 @@ async def relay(
         return exchange
     exchange.status = response.status_code
     try:
-        if on_start is not None:
-            await on_start(response)
         headers = [
             (name.encode("latin-1"), scrubber.clean(value.encode("latin-1")))
             for name, value in response.headers.multi_items()
@@ -325,7 +327,13 @@ async def relay(
         ]
         media = response.headers.get("content-type", "").split(";")[0].strip().lower()
         if media == "text/event-stream":
-            await _relay_stream(response, send, headers, protocol, what, scrubber, ids, exchange)
+            pump = _relay_stream(response, send, headers, protocol, what, scrubber, ids, exchange)
+            if receive is None:
+                await pump
+            elif await _until_disconnect(pump, receive):
+                exchange.error = UpstreamError(
+                    "the agent disconnected", status=499, code="client_disconnected"
+                )
         else:
             await _relay_whole(
                 response, send, headers, protocol, what, scrubber, ids, exchange, max_body_bytes
@@ -407,6 +415,28 @@ async def _relay_stream(
         )
         return
     await send({"type": "http.response.body", "body": scrubber.flush(), "more_body": False})
+
+
+async def _until_disconnect(work: Coroutine[Any, Any, None], receive: Receive) -> bool:
+    """Run ``work`` until done or the client disconnects (then cancel it); True if it did."""
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, watcher):
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pending
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]
+    return task.cancelled()
 
 
 def _answered(messages: list[JSONRPCMessage] | None) -> Iterable[str | int]:
