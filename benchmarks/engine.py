@@ -143,28 +143,12 @@ def _load_reference() -> Any:
 
 
 def build_reference(w: W.Workload) -> Built:
-    from bastion.events import Effect
     from bastion.policy.parser import parse_source
 
     ref = _load_reference()
-    source = W.to_bastion(w.rules)
-    if hasattr(ref, "Reference"):
-        interp = ref.Reference.from_source(source, name="bench.policy")
-        decide_call = interp.decide_call
-    else:
-        policy_ast = parse_source(source, "bench.policy")
-        fn = ref.decide_call
-
-        def decide_call(*a: Any) -> Any:
-            return fn(policy_ast, *a)
-
-    allow = Effect.ALLOW
-
-    def decide(x: Any) -> bool:
-        d = decide_call(*x)
-        return getattr(d, "effect", d) == allow
-
-    return Built(decide, [], decide_call)
+    interp = ref.Reference([parse_source(W.to_bastion(w.rules), "bench.policy")])
+    decide_call = interp.decide_call
+    return Built(lambda x: decide_call(*x).effect == "allow", [], interp)
 
 
 def build_cedarpy(w: W.Workload) -> Built:
