@@ -1,4 +1,4 @@
-"""Fixtures for the gateway tests: scripted upstreams in this process, ``bastion serve`` as a child.
+"""The gateway tests' harness: scripted upstreams in this process, ``bastion serve`` as a child.
 
 The upstreams (a scripted OpenAI/Anthropic LLM that records the headers it
 receives, a faulty LLM that is slow, drops streams or echoes credentials, and

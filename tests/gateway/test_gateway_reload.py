@@ -9,8 +9,9 @@ import httpx
 import httpx2
 import openai
 import pytest
-from conftest import ALICE, POLICY, Gateway, Upstreams, secrets_yaml, wait_for
 from servers.llm import Call
+
+from .harness import ALICE, POLICY, Gateway, Upstreams, secrets_yaml, wait_for
 
 ASK: Any = [{"role": "user", "content": "mail bob"}]
 TOOLS: Any = [

@@ -10,7 +10,13 @@ import httpx
 import httpx2
 import openai
 import pytest
-from conftest import (
+from mcp.client.client import Client
+from mcp.client.streamable_http import streamable_http_client
+from servers.llm import Call
+
+from bastion.identity import fingerprint
+
+from .harness import (
     ALICE,
     ANTHROPIC_KEY,
     BOB,
@@ -19,11 +25,6 @@ from conftest import (
     Upstreams,
     wait_for,
 )
-from mcp.client.client import Client
-from mcp.client.streamable_http import streamable_http_client
-from servers.llm import Call
-
-from bastion.identity import fingerprint
 
 TOOLS: Any = [
     {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
