@@ -167,7 +167,8 @@ class _Parser:
             if self.peek() != ")":
                 raise self.error("missing ')'", at)
             self.i += 1
-            return inner
+            # A group may be quantified even when it only asserts: (?:^)* is valid.
+            return ("cat", (inner,))
         if c in "*+?{":
             raise self.error("nothing to repeat", at)
         if c == "}":
