@@ -1,9 +1,25 @@
 """Front-door overhead: the ASGI middleware and the httpx transports versus no Bastion.
 
-Measured in-process so network noise does not dominate: the ASGI app is called
-directly, the transports wrap an ``httpx.MockTransport``. The request is a
-non-streaming chat completion with 20 tools and 50 messages (a quarter of them
-tool outputs); the streaming case is a 1 MB SSE stream of text deltas.
+Request overhead is measured in-process so network noise does not dominate: the
+ASGI app is called directly, the transports wrap an ``httpx.MockTransport``, and
+each repeat times the bare and the guarded path side by side (alternating). The
+request is a non-streaming chat completion with 20 tools and 50 messages (12 of
+them tool outputs).
+
+Streaming throughput goes over real I/O, because a pass-through baseline that
+does no I/O only measures how fast Python hands a buffer over: an upstream
+process serves a 1 MB SSE stream of chat text deltas with uvicorn on 127.0.0.1,
+and this process reads it with an httpx client (bytes only, no SSE parsing, so
+the baseline is as fast as a client can be). Compared, in the same run:
+
+* ``bare``: the plain stream, no Bastion anywhere;
+* ``middleware``: the same stream through ``BastionMiddleware`` in the server;
+* ``transport``: the bare stream read through ``AsyncBastionTransport``;
+* ``sync_bare`` / ``sync_transport``: the same with a sync client and ``BastionTransport``.
+
+Two upstream write patterns: 4 KB writes (``chunked``) and one event per write
+(``per_event``, as LLM providers send them). ``throughput_ratio`` is the
+middleware's ratio for 4 KB writes, the harder case for Bastion.
 
     python benchmarks/adapters.py [--json] [--quick]
 """
@@ -12,11 +28,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -107,14 +127,24 @@ RESPONSE = json.dumps(
 ).encode()
 
 
-def sse_stream(total: int = 1 << 20) -> list[bytes]:
-    event = (
-        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
-        b'"choices":[{"index":0,"delta":{"content":"hello world, some streamed text "},'
-        b'"finish_reason":null}]}\n\n'
-    )
-    body = event * (total // len(event)) + b"data: [DONE]\n\n"
-    return [body[i : i + 4096] for i in range(0, len(body), 4096)]
+EVENT = (
+    b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[{"index":0,"delta":{"content":"hello world, some streamed text "},'
+    b'"finish_reason":null}]}\n\n'
+)
+STREAM_BYTES = 1 << 20
+
+
+def sse_body(total: int = STREAM_BYTES) -> bytes:
+    return EVENT * (total // len(EVENT)) + b"data: [DONE]\n\n"
+
+
+def sse_stream(total: int = STREAM_BYTES, write: int = 4096) -> list[bytes]:
+    """The stream as the upstream writes it: ``write`` bytes a time, or 0 for one event a time."""
+    body = sse_body(total)
+    if write == 0:
+        return [e + b"\n\n" for e in body.split(b"\n\n") if e]
+    return [body[i : i + write] for i in range(0, len(body), write)]
 
 
 def make_app(stream: list[bytes] | None) -> Any:
@@ -172,11 +202,12 @@ async def timings(fn: Callable[[], Awaitable[Any]], n: int) -> list[float]:
     return out
 
 
-def overhead(base: list[float], guarded: list[float]) -> dict[str, float]:
-    def pct(values: list[float], q: float) -> float:
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
+
+def overhead(base: list[float], guarded: list[float]) -> dict[str, float]:
     return {
         "overhead_p50_us": round((pct(guarded, 0.5) - pct(base, 0.5)) * 1e6, 1),
         "overhead_p99_us": round((pct(guarded, 0.99) - pct(base, 0.99)) * 1e6, 1),
@@ -186,19 +217,32 @@ def overhead(base: list[float], guarded: list[float]) -> dict[str, float]:
 
 
 def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
-    return {k: round(statistics.median(r[k] for r in runs), 1) for k in runs[0]}
+    return {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
 
 
 def make_guard(policy: Policy) -> Guard:
     return Guard(policy, identity=Identity("bench-agent"), on_decision=lambda event: None)
 
 
+async def side_by_side(
+    bare: Callable[[], Awaitable[Any]], guarded: Callable[[], Awaitable[Any]], n: int
+) -> dict[str, float]:
+    """Time both paths in alternating batches, so drifting machine load hits both alike."""
+    base: list[float] = []
+    with_bastion: list[float] = []
+    batch = max(10, n // 10)
+    await timings(bare, 0)
+    await timings(guarded, 0)
+    for _ in range(n // batch):
+        base += await timings(bare, batch)
+        with_bastion += await timings(guarded, batch)
+    return overhead(base, with_bastion)
+
+
 async def bench_middleware(policy: Policy, body: bytes, n: int) -> dict[str, float]:
     bare = make_app(None)
     guarded = BastionMiddleware(bare, guard=make_guard(policy))
-    base = await timings(lambda: call_asgi(bare, body), n)
-    with_bastion = await timings(lambda: call_asgi(guarded, body), n)
-    return overhead(base, with_bastion)
+    return await side_by_side(lambda: call_asgi(bare, body), lambda: call_asgi(guarded, body), n)
 
 
 def mock() -> httpx.MockTransport:
@@ -218,45 +262,175 @@ async def bench_async_transport(policy: Policy, body: bytes, n: int) -> dict[str
         response = await transport.handle_async_request(request)
         await response.aread()
 
-    base = await timings(lambda: send(bare), n)
-    with_bastion = await timings(lambda: send(guarded), n)
-    return overhead(base, with_bastion)
+    return await side_by_side(lambda: send(bare), lambda: send(guarded), n)
 
 
 def bench_sync_transport(policy: Policy, body: bytes, n: int) -> dict[str, float]:
     bare = mock()
     guarded = BastionTransport(mock(), guard=make_guard(policy))
 
-    def run(transport: Any) -> list[float]:
+    def run(transport: Any, count: int) -> list[float]:
         out = []
-        for i in range(n + n // 10):
+        for _ in range(count):
             start = time.perf_counter()
             request = httpx.Request("POST", "http://upstream/v1/chat/completions", content=body)
             transport.handle_request(request).read()
-            if i >= n // 10:
-                out.append(time.perf_counter() - start)
+            out.append(time.perf_counter() - start)
         return out
 
-    return overhead(run(bare), run(guarded))
+    batch = max(10, n // 10)
+    run(bare, batch)
+    run(guarded, batch)
+    base: list[float] = []
+    with_bastion: list[float] = []
+    for _ in range(n // batch):
+        base += run(bare, batch)
+        with_bastion += run(guarded, batch)
+    return overhead(base, with_bastion)
 
 
-async def bench_stream(policy: Policy, n: int) -> dict[str, float]:
+# ---------------------------------------------------------------- streaming over loopback
+
+STREAM_REQUEST = json.dumps(
+    {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+).encode()
+
+
+def upstream_app() -> Any:
+    """The upstream process's app: ``/bare/<write>/...`` plain, ``/guarded/<write>/...`` behind the middleware."""
+    apps = {}
+    for label, write in (("chunked", 4096), ("per_event", 0)):
+        bare = make_app(sse_stream(write=write))
+        apps[f"/bare/{label}"] = bare
+        apps[f"/guarded/{label}"] = BastionMiddleware(
+            bare, guard=make_guard(Policy.from_source(POLICY))
+        )
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        prefix = "/".join(scope["path"].split("/")[:3])
+        await apps[prefix](scope, receive, send)
+
+    return app
+
+
+def serve_upstream(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(upstream_app(), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def upstream_process() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve-upstream", str(port)],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("upstream server did not start") from None
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def read_async(client: httpx.AsyncClient, url: str) -> tuple[float, int]:
+    start = time.perf_counter()
+    size = 0
+    async with client.stream("POST", url, content=STREAM_REQUEST) as response:
+        response.raise_for_status()
+        async for chunk in response.aiter_raw():
+            size += len(chunk)
+    return time.perf_counter() - start, size
+
+
+def read_sync(client: httpx.Client, url: str) -> tuple[float, int]:
+    start = time.perf_counter()
+    size = 0
+    with client.stream("POST", url, content=STREAM_REQUEST) as response:
+        response.raise_for_status()
+        for chunk in response.iter_raw():
+            size += len(chunk)
+    return time.perf_counter() - start, size
+
+
+async def bench_stream(policy: Policy, base_url: str, reads: int, repeats: int) -> dict[str, Any]:
+    """MB/s of each path and each path's ratio to ``bare``, medians over repeats."""
+    plain = httpx.AsyncClient(timeout=60)
+    guarded = httpx.AsyncClient(
+        transport=AsyncBastionTransport(httpx.AsyncHTTPTransport(), guard=make_guard(policy)),
+        timeout=60,
+    )
+    sync_plain = httpx.Client(timeout=60)
+    sync_guarded = httpx.Client(
+        transport=BastionTransport(httpx.HTTPTransport(), guard=make_guard(policy)), timeout=60
+    )
+    result: dict[str, Any] = {}
+    try:
+        for label in ("chunked", "per_event"):
+            bare_url = f"{base_url}/bare/{label}/v1/chat/completions"
+            guarded_url = f"{base_url}/guarded/{label}/v1/chat/completions"
+            paths: dict[str, Callable[[], Awaitable[tuple[float, int]]]] = {
+                "bare": lambda u=bare_url: read_async(plain, u),
+                "middleware": lambda u=guarded_url: read_async(plain, u),
+                "transport": lambda u=bare_url: read_async(guarded, u),
+                "sync_bare": lambda u=bare_url: asyncio.to_thread(read_sync, sync_plain, u),
+                "sync_transport": lambda u=bare_url: asyncio.to_thread(read_sync, sync_guarded, u),
+            }
+            for fn in paths.values():
+                await fn()  # warm-up, and a check that every path streams the whole body
+            expected = len(sse_body())
+            rates: dict[str, list[float]] = {name: [] for name in paths}
+            for _ in range(repeats):
+                for name, fn in paths.items():
+                    times = []
+                    for _ in range(reads):
+                        elapsed, size = await fn()
+                        if size < expected:
+                            raise RuntimeError(f"{name}: stream cut short ({size} bytes)")
+                        times.append(elapsed)
+                    rates[name].append(size / statistics.median(times) / 1e6)
+            rows: dict[str, Any] = {}
+            for name, values in rates.items():
+                base_name = "sync_bare" if name.startswith("sync") else "bare"
+                ratios = [v / b for v, b in zip(values, rates[base_name], strict=True)]
+                rows[name] = {
+                    "mb_per_s": round(statistics.median(values), 1),
+                    "ratio": round(statistics.median(ratios), 3),
+                }
+            result[label] = rows
+    finally:
+        await plain.aclose()
+        await guarded.aclose()
+        sync_plain.close()
+        sync_guarded.close()
+    return result
+
+
+async def bench_stream_inprocess(policy: Policy, n: int) -> dict[str, float]:
+    """Bastion's own processing rate: the in-process app behind the middleware, no I/O."""
     stream = sse_stream()
     size = sum(map(len, stream))
-    bare = make_app(stream)
-    guarded = BastionMiddleware(bare, guard=make_guard(policy))
-    body = json.dumps(
-        {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-    ).encode()
-    base = await timings(lambda: call_asgi(bare, body), n)
-    with_bastion = await timings(lambda: call_asgi(guarded, body), n)
-    base_rate = size / statistics.median(base)
-    guarded_rate = size / statistics.median(with_bastion)
-    return {
-        "throughput_ratio": round(guarded_rate / base_rate, 3),
-        "baseline_mb_per_s": round(base_rate / 1e6, 1),
-        "guarded_mb_per_s": round(guarded_rate / 1e6, 1),
-    }
+    guarded = BastionMiddleware(make_app(stream), guard=make_guard(policy))
+    times = await timings(lambda: call_asgi(guarded, STREAM_REQUEST), n)
+    return {"guarded_mb_per_s": round(size / statistics.median(times) / 1e6, 1)}
 
 
 async def main_async(quick: bool) -> dict[str, Any]:
@@ -268,15 +442,28 @@ async def main_async(quick: bool) -> dict[str, Any]:
     sync_transport = median_of(
         [await asyncio.to_thread(bench_sync_transport, policy, body, n) for _ in range(repeats)]
     )
-    streams = [await bench_stream(policy, 5 if quick else 20) for _ in range(repeats)]
-    streaming = {k: statistics.median(s[k] for s in streams) for k in streams[0]}
+    with upstream_process() as base_url:
+        loopback = await bench_stream(policy, base_url, 3 if quick else 5, repeats)
+    inprocess = median_of(
+        [await bench_stream_inprocess(policy, 3 if quick else 10) for _ in range(repeats)]
+    )
+    import h11
+    import uvicorn
+
     return {
         "middleware": middleware,
         "transport": transport,
         "sync_transport": sync_transport,
-        "streaming": streaming,
+        "streaming": {
+            "throughput_ratio": loopback["chunked"]["middleware"]["ratio"],
+            "transport_throughput_ratio": loopback["chunked"]["transport"]["ratio"],
+            "loopback": loopback,
+            "inprocess_no_io": inprocess,
+            "server": f"uvicorn {uvicorn.__version__} (h11 {h11.__version__}), httpx {httpx.__version__}",
+        },
         "request": {"tools": 20, "messages": 50, "bytes": len(body)},
-        "stream_bytes": sum(map(len, sse_stream())),
+        "stream_bytes": len(sse_body()),
+        "repeats": repeats,
     }
 
 
@@ -284,7 +471,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
+    parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_upstream:
+        serve_upstream(args.serve_upstream)
+        return 0
     result = asyncio.run(main_async(args.quick))
     if args.json:
         print(json.dumps(result))
