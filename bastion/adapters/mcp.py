@@ -514,13 +514,19 @@ class MCPCodec:
         return out
 
     @staticmethod
-    def refusal_result(request_id: str | int | None, text: str) -> dict[str, Any]:
-        """A ``tools/call`` answer refusing the call: a result with ``isError: true`` and the reason."""
-        return {
-            "jsonrpc": "2.0",
-            "id": request_id,
-            "result": {"content": [{"type": "text", "text": text}], "isError": True},
-        }
+    def refusal_result(
+        request_id: str | int | None, text: str, *, revision: str | None = None
+    ) -> dict[str, Any]:
+        """A ``tools/call`` answer refusing the call: a result with ``isError: true`` and the reason.
+
+        ``revision`` is the request's MCP revision: the stateless 2026-07-28
+        revision requires ``resultType`` on every result (earlier ones have no
+        such field).
+        """
+        result: dict[str, Any] = {"content": [{"type": "text", "text": text}], "isError": True}
+        if revision == STATELESS_REVISION:
+            result["resultType"] = "complete"
+        return {"jsonrpc": "2.0", "id": request_id, "result": result}
 
     @staticmethod
     def refusal_error(

@@ -1015,7 +1015,7 @@ class Exchange:
             if call is not None and message.id is not None:
                 outcome = await self.decide_call(call, guard.spec_for(self.route, call.name), None)
                 if not outcome.allowed:
-                    self.local_answers.append(self._refusal(message.id, outcome, post.stateless))
+                    self.local_answers.append(self._refusal(message.id, outcome, post.revision))
                     continue
                 self.pending[message.id] = ("call", call)
             elif message.method == "tools/list" and message.id is not None:
@@ -1033,15 +1033,11 @@ class Exchange:
         return Forward(body, headers, self)
 
     def _refusal(
-        self, request_id: str | int, outcome: _CallOutcome, stateless: bool
+        self, request_id: str | int, outcome: _CallOutcome, revision: str
     ) -> dict[str, Any]:
         if self.guard.mcp_refusal == "error":
             return MCPCodec.refusal_error(request_id, outcome.text)
-        answer = MCPCodec.refusal_result(request_id, outcome.text)
-        if stateless:
-            # 2026-07-28 requires resultType on every result (absent in earlier revisions).
-            answer["result"]["resultType"] = "complete"
-        return answer
+        return MCPCodec.refusal_result(request_id, outcome.text, revision=revision)
 
     async def mcp_message(self, message: JSONRPCMessage) -> JSONRPCMessage:
         """Rewrite one server message that answers a tracked request."""
