@@ -27,6 +27,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Final
 
 from bastion.events import (
@@ -57,6 +58,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("bastion.policy")
+
+# Decisions are cached and shared between callers, so nothing in them may be mutable.
+_NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})
 
 
 class _Sentinel:
@@ -1124,7 +1128,7 @@ def _ranked(
     enforced = [r for r in matched if not r.shadow]
     shadow = _ids(r for r in matched if r.shadow)
     if not enforced:
-        return Decision(kind, default, shadow_hits=shadow, defaulted=True)
+        return Decision(kind, default, shadow_hits=shadow, defaulted=True, options=_NO_OPTIONS)
     top = max(rank[r.effect] for r in enforced)
     winners = [r for r in enforced if rank[r.effect] == top]
     losers = [r for r in enforced if rank[r.effect] != top]
@@ -1135,6 +1139,7 @@ def _ranked(
         reasons=_reasons(winners),
         shadow_hits=shadow,
         overridden=_ids(losers),
+        options=_NO_OPTIONS,
     )
 
 
@@ -1201,9 +1206,13 @@ class CandidateList:
 
 
 def _memo_put(memo: dict[str, CandidateList], name: str, cl: CandidateList) -> None:
+    # A plain dict evicting its oldest entry: cachetools' LRUCache costs about
+    # 0.3 us per lookup, a fifth of a whole decision.
     if len(memo) >= CANDIDATE_CACHE_SIZE:
-        # Oldest first: dicts keep insertion order.
-        del memo[next(iter(memo))]
+        try:
+            del memo[next(iter(memo))]
+        except (RuntimeError, StopIteration, KeyError):  # another thread got there first
+            memo.clear()
     memo[name] = cl
 
 
@@ -1390,7 +1399,7 @@ class CompiledPolicy:
             defaulted=defaulted,
             redact_patterns=tuple(patterns),
             paths=tuple(paths),
-            options=options,
+            options=MappingProxyType(options) if options else _NO_OPTIONS,
         )
 
     def decide_visibility_from(self, results: Sequence[tuple[CRule, Any]]) -> Decision:
