@@ -9,14 +9,11 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import httpx2
 import pytest
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
-from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
-from mcp.shared.exceptions import MCPError
 from mcp.types import TextContent
 
 from bastion.demo.cli import main
@@ -24,17 +21,14 @@ from bastion.demo.github_server import (
     PRIVATE_REPO,
     PUBLIC_REPO,
     SECRET_TOKEN,
-    build_github_server,
 )
 from bastion.demo.scenario import (
-    WITH_BASTION,
     WITHOUT_BASTION,
     DemoServers,
     RunResult,
     run_agent_through,
     run_without_bastion,
 )
-from bastion.demo.serving import BackgroundServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,17 +111,19 @@ def test_main_reports_where_the_secret_landed(capsys: pytest.CaptureFixture[str]
     assert "The demo behaved as described." in out
 
 
-def test_main_json_prints_one_object_with_the_run(capsys: pytest.CaptureFixture[str]) -> None:
+def test_main_json_prints_one_object_with_run_one_leaking(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     status = main(["--json"])
 
     report = json.loads(capsys.readouterr().out)
-    assert status == 0
+    assert status == 0, report["problems"]
     assert report["ok"] is True
-    [run] = report["runs"]
-    assert run["name"] == WITHOUT_BASTION
-    assert run["leaked"] is True
-    assert run["tools_called"] == ["list_issues", "get_file_contents", "create_issue"]
-    assert run["blocked_calls"] == [] and run["audit"] == []
+    first = report["runs"][0]
+    assert first["name"] == WITHOUT_BASTION
+    assert first["leaked"] is True
+    assert first["tools_called"] == ["list_issues", "get_file_contents", "create_issue"]
+    assert first["blocked_calls"] == [] and first["audit"] == []
 
 
 def test_main_fails_when_run_one_does_not_leak(capsys: pytest.CaptureFixture[str]) -> None:
@@ -148,20 +144,22 @@ def test_main_fails_when_run_one_does_not_leak(capsys: pytest.CaptureFixture[str
     assert any("should have leaked" in p for p in report["problems"])
 
 
-async def _published_issue(mcp_url: str, number: int) -> str:
+async def _issue_title(mcp_url: str, tool: str, number: int, token: str | None = None) -> str:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with (
-        httpx2.AsyncClient(timeout=10) as http,
+        httpx2.AsyncClient(timeout=10, headers=headers) as http,
         streamable_http_client(mcp_url, http_client=http) as (read, write),
         ClientSession(read, write) as session,
     ):
         await session.initialize()
         result = await session.call_tool(
-            "get_issue", {"owner": "acme", "repo": "public", "issue_number": number}
+            tool, {"owner": "acme", "repo": "public", "issue_number": number}
         )
-        return "".join(b.text for b in result.content if isinstance(b, TextContent))
+        text = "".join(b.text for b in result.content if isinstance(b, TextContent))
+        return str(json.loads(text)["title"])
 
 
-async def test_keep_running_leaves_the_servers_up_until_interrupted() -> None:
+async def test_keep_running_leaves_the_servers_and_bastion_up_until_interrupted() -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "bastion.demo", "--keep-running"],
         cwd=ROOT,
@@ -172,81 +170,28 @@ async def test_keep_running_leaves_the_servers_up_until_interrupted() -> None:
     )
     try:
         assert process.stdout is not None
-        mcp_url = None
+        listed: dict[str, str] = {}
         for line in process.stdout:
-            found = re.match(r"\s+GitHub MCP server: (\S+)", line)
+            found = re.match(r"\s+(.+?): (\S+)$", line)
             if found:
-                mcp_url = found.group(1)
+                listed[found.group(1)] = found.group(2)
+            if "the agent's virtual key" in listed:
                 break
-        assert mcp_url is not None
+        github, bastion = listed["GitHub MCP server"], listed["Bastion (bastion serve)"]
+        config = Path(listed["Bastion's configuration"])
 
-        issue = json.loads(await _published_issue(mcp_url, 5))
+        direct = await _issue_title(github, "get_issue", 3)
+        through_bastion = await _issue_title(
+            f"{bastion}/mcp", "github__get_issue", 3, listed["the agent's virtual key"]
+        )
 
-        assert issue["title"] == "Configuration check"
-        assert SECRET_TOKEN in issue["body"]
+        assert direct == through_bastion == "Improve onboarding for new contributors"
+        assert httpx2.get(f"{bastion}/healthz", timeout=5).status_code == 200
+        assert config.is_file()
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=10) == 0
+        assert not config.exists()
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-
-
-class _ForbidPublishing:
-    """A stand-in for Bastion in front of the GitHub tools: it refuses create_issue."""
-
-    async def __call__(
-        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext
-    ) -> HandlerResult:
-        if ctx.method == "tools/call" and (ctx.params or {}).get("name") == "create_issue":
-            raise MCPError(-32001, "create_issue is forbidden after untrusted input")
-        return await call_next(ctx)
-
-
-async def _with_stand_in_gateway(servers: DemoServers) -> RunResult:
-    guarded = build_github_server(servers.github_state)
-    guarded.middleware.insert(0, _ForbidPublishing())
-    gateway = BackgroundServer(
-        guarded.streamable_http_app(json_response=True), name="stand-in"
-    ).start()
-    servers.keep("stand-in gateway", f"{gateway.url}/mcp", gateway.stop)
-    result = await run_agent_through(
-        WITH_BASTION, servers, model_base_url=servers.model_base_url, mcp_url=f"{gateway.url}/mcp"
-    )
-    refused = [c for c in result.transcript.tool_calls if c.is_error]
-    result.blocked_calls = [{"tool": c.name, "reason": c.result} for c in refused]
-    result.audit = [{"effect": "forbid", "tool": c.name, "reason": c.result} for c in refused]
-    return result
-
-
-def test_a_second_run_plugs_in_and_both_runs_are_reported(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    status = main(["--json"], runs=[run_without_bastion, _with_stand_in_gateway])
-
-    report = json.loads(capsys.readouterr().out)
-    assert status == 0, report["problems"]
-    first, second = report["runs"]
-    assert (first["name"], first["leaked"]) == (WITHOUT_BASTION, True)
-    assert (second["name"], second["leaked"]) == (WITH_BASTION, False)
-    assert second["blocked_calls"] == [
-        {"tool": "create_issue", "reason": "Error: create_issue is forbidden after untrusted input"}
-    ]
-    assert "create_issue" not in second["server_calls"]
-    assert "create_issue was refused" in second["final_answer"]
-
-
-def test_the_table_puts_the_runs_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
-    main([], runs=[run_without_bastion, _with_stand_in_gateway])
-
-    out = capsys.readouterr().out
-    header = next(
-        line for line in out.splitlines() if WITHOUT_BASTION in line and line.startswith("|")
-    )
-    assert WITH_BASTION in header
-    leaked_row = next(line for line in out.splitlines() if line.startswith("| secret leaked"))
-    assert [cell.strip() for cell in leaked_row.strip("|").split("|")] == [
-        "secret leaked",
-        "YES",
-        "no",
-    ]
