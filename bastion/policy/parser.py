@@ -225,7 +225,11 @@ def _recover(text: str, path: str, first: UnexpectedInput) -> list[Diagnostic]:
 
 def _comments(text: str) -> tuple[ast.Comment, ...]:
     out: list[ast.Comment] = []
+    if "#" not in text and "//" not in text:
+        return ()
     for n, line in enumerate(text.split("\n"), start=1):
+        if "#" not in line and "//" not in line:
+            continue
         quote: str | None = None
         i = 0
         while i < len(line):
