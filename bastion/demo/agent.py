@@ -7,7 +7,7 @@ front of it, point both at ``bastion serve``::
     transcript = await run_agent(
         "summarise the open issues of acme/public",
         model_base_url="http://127.0.0.1:8000/v1",      # the model, or Bastion's /v1
-        mcp_url="http://127.0.0.1:8001/mcp",            # the MCP server, or Bastion's /mcp/github
+        mcp_url="http://127.0.0.1:8001/mcp",            # the MCP server, or Bastion's /mcp
     )
     print(transcript.final_answer)
 """

@@ -149,8 +149,12 @@ class DemoGateway:
         return f"{self.url}/mcp"
 
     def start(self) -> DemoGateway:
-        self._app = build_app(load_config(self.config_path))
-        self._server = BackgroundServer(self._app, name="bastion").start()
+        try:
+            self._app = build_app(load_config(self.config_path))
+            self._server = BackgroundServer(self._app, name="bastion").start()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def audit_records(self) -> list[dict[str, Any]]:

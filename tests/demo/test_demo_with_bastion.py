@@ -309,3 +309,19 @@ def test_the_shipped_rules_are_found_in_a_source_checkout() -> None:
 
     assert rules == ROOT / "rules"
     assert (rules / "exfiltration.policy").is_file()
+
+
+def test_a_broken_policy_fails_the_demo_instead_of_running_unguarded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "broken.policy"
+    broken.write_text("forbid call when (\n")
+
+    async def with_a_broken_policy(servers: DemoServers) -> RunResult:
+        return await run_with_bastion(servers, rules=broken)
+
+    status = main([], runs=[run_without_bastion, with_a_broken_policy])
+
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "a run failed: PolicyError" in err and "broken.policy:1" in err
