@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 SHINGLE_WORDS = 8
-MIN_LENGTH = {"whole": 6, "email": 6, "url": 10, "iban": 15, "number": 6, "path": 6}
+MIN_LENGTH = {"whole": 8, "email": 6, "url": 10, "iban": 15, "number": 6, "path": 6}
 _CACHE_KEY = "bastion.provenance"
 
 _STRIP = "\"'`()[]{}<>,;:!?.*"
