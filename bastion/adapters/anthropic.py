@@ -269,13 +269,14 @@ class AnthropicStreamRewriter(StreamRewriter):
         super().__init__(max_pending=max_pending, max_event_size=max_event_size)
         self._open: dict[int, _HeldBlock] = {}
         self._allowed = 0
-        self._stopped = False
+
+    def _passes(self, events: bytes) -> bool:
+        # The same test as the per-event fast path below, on a run of whole events.
+        return b"tool_use" not in events and not (b"\\" in events and b"\\u" in events)
 
     def _on_event(self, event: SSEEvent) -> None:
         raw = (event.data or "").encode("utf-8")
         if not self._open and b"tool_use" not in raw and b"\\u" not in raw:
-            if b'"message_stop"' in raw:
-                self._stopped = True
             self._emit(encode_event(event))
             return
         payload = loads_strict(raw)
@@ -320,8 +321,6 @@ class AnthropicStreamRewriter(StreamRewriter):
                 raise _upstream("message_delta while tool_use blocks are open")
             self._emit_later(lambda: self._render_message_delta(event, payload), len(raw))
             return
-        if kind == "message_stop":
-            self._stopped = True
         self._emit(encode_event(event))
 
     def _render_block(self, held: _HeldBlock, verdict: Verdict) -> bytes:

@@ -374,7 +374,6 @@ class ChatStreamRewriter(StreamRewriter):
     ) -> None:
         super().__init__(max_pending=max_pending, max_event_size=max_event_size)
         self._choices: dict[int, _ChoiceState] = {}
-        self._done = False
         self._text_seen = False
 
     def _choice(self, index: int) -> _ChoiceState:
@@ -386,11 +385,22 @@ class ChatStreamRewriter(StreamRewriter):
     def _open_calls(self) -> bool:
         return any(state.open is not None for state in self._choices.values())
 
+    def _passes(self, events: bytes) -> bool:
+        # The same test as the per-event fast path below, on a run of whole events.
+        # One scan for "_call" (in both markers) and a memchr for the backslash of
+        # any escape keep the common case to two quick searches.
+        if b"_call" in events and (b"tool_calls" in events or b"function_call" in events):
+            return False
+        if b"\\" in events and b"\\u" in events:
+            return False
+        if not self._text_seen and b'"content"' in events:
+            self._text_seen = True
+        return True
+
     def _on_event(self, event: SSEEvent) -> None:
         data = event.data or ""
         if data.strip() == "[DONE]":
             self._close_all()
-            self._done = True
             self._emit(encode_event(event))
             return
         raw = data.encode("utf-8")
@@ -785,6 +795,7 @@ class _ResponsesCall:
 
 
 _FINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
+_FINAL_EVENT_BYTES = tuple(name.encode() for name in _FINAL_EVENTS)
 
 
 class ResponsesStreamRewriter(StreamRewriter):
@@ -800,15 +811,21 @@ class ResponsesStreamRewriter(StreamRewriter):
         # refusals change the event count and held events change their order.
         self._next_seq: int | None = None
 
+    def _passes(self, events: bytes) -> bool:
+        return self._plain(events)
+
+    def _plain(self, raw: bytes) -> bool:
+        """Nothing in ``raw`` can concern a function call or need renumbering."""
+        return (
+            self._next_seq is None
+            and not (b"_call" in raw and (b"function_call" in raw or b"custom_tool_call" in raw))
+            and not (b"\\" in raw and b"\\u" in raw)
+            and not (b"response." in raw and any(name in raw for name in _FINAL_EVENT_BYTES))
+        )
+
     def _on_event(self, event: SSEEvent) -> None:
         raw = (event.data or "").encode("utf-8")
-        if (
-            self._next_seq is None
-            and b"function_call" not in raw
-            and b"custom_tool_call" not in raw
-            and b"\\u" not in raw
-            and not any(name.encode() in raw for name in _FINAL_EVENTS)
-        ):
+        if self._plain(raw):
             self._emit(encode_event(event))
             return
         payload = loads_strict(raw)

@@ -129,6 +129,11 @@ class SSEParser:
             self._too_large()
         return events
 
+    @property
+    def at_boundary(self) -> bool:
+        """True between events: nothing of a next event has been fed yet (a BOM was settled)."""
+        return self._started and not self._buf and not self._skip_lf and not self._has_fields()
+
     def close(self, *, strict: bool = True) -> list[SSEEvent]:
         """End of stream. A partial event is dropped, as browsers do, unless ``strict``.
 

@@ -628,6 +628,12 @@ class StreamRewriter:
         self._pending = 0
         self._closed = False
         self._out: list[bytes] = []
+        self._max_event = max_event_size
+        # Upstream bytes not yet given to the parser nor sent: an unfinished event
+        # (LF line ends only, at most max_event_size) and possibly a CR ending the chunk.
+        self._tail = b""
+        # The parser is between events (so whole events may skip it).
+        self._synced = False
 
     # -- public surface
 
@@ -635,10 +641,45 @@ class StreamRewriter:
         """Parse ``chunk``; return what may be sent now and the calls now complete."""
         if self._closed:
             raise ProtocolError("stream already closed", code="stream_closed")
-        for event in self._parser.feed(chunk):
-            if event.data is None:
-                continue
-            self._on_event(event)
+        data = self._tail + chunk if self._tail else chunk
+        self._tail = b""
+        if b"\r" in data:
+            if data.endswith(b"\r"):
+                # Maybe the first half of a CRLF: decide when the next byte is known.
+                data, self._tail = data[:-1], b"\r"
+            if data.count(b"\r") != data.count(b"\r\n"):
+                # Lone CR line ends: no byte-level shortcut, the parser reads it all.
+                self._parse(data)
+                return self._step()
+            data = data.replace(b"\r\n", b"\n")
+        # LF line ends only from here, so an event ends exactly at each LF LF.
+        if not self._synced:
+            # Finish the event the parser is inside (or the stream's start) the slow way.
+            first = data.find(b"\n\n") + 2
+            if first < 2:
+                self._parse(data)
+                return self._step()
+            self._parse(data[:first])
+            data = data[first:]
+        cut = data.rfind(b"\n\n") + 2
+        if cut > 1:
+            head = data[:cut] if cut < len(data) else data
+            if not self._queue and cut <= self._max_event and self._passes(head):
+                if not head.isascii():
+                    try:
+                        head.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise ProtocolError(
+                            "event stream is not valid UTF-8", code="invalid_utf8"
+                        ) from exc
+                self._out.append(head)
+            else:
+                self._parse(head)
+            data = data[cut:]
+        if len(data) > self._max_event:
+            self._parse(data)  # the parser raises sse_event_too_large
+        elif data:
+            self._tail = data + self._tail
         return self._step()
 
     def decide(self, call_id: str, verdict: Verdict) -> StreamStep:
@@ -651,6 +692,9 @@ class StreamRewriter:
 
     def close(self) -> bytes:
         """Upstream ended. Returns the last bytes; raises if the stream was cut or left undecided."""
+        if self._tail:
+            tail, self._tail = self._tail, b""
+            self._parse(tail)
         self._parser.close()
         self._on_end()
         self._closed = True
@@ -670,6 +714,15 @@ class StreamRewriter:
 
     def _on_event(self, event: SSEEvent) -> None:
         raise NotImplementedError
+
+    def _passes(self, events: bytes) -> bool:
+        """Whether whole events (raw bytes, LF line ends) may go out as they came.
+
+        Called only while nothing is held. True means none of them can concern a
+        tool call, so parsing them would emit the same events; a subclass that
+        answers True must update any state those events would have changed.
+        """
+        return False
 
     def _on_end(self) -> None:
         """Check the stream ended where it may end; raise ProtocolError otherwise."""
@@ -713,6 +766,15 @@ class StreamRewriter:
 
     # -- internals
 
+    def _parse(self, data: bytes) -> None:
+        parser = self._parser
+        try:
+            for event in parser.feed(data):
+                if event.data is not None:
+                    self._on_event(event)
+        finally:
+            self._synced = parser.at_boundary
+
     def _enqueue(self, slot: _Slot) -> None:
         self._queue.append(slot)
         self._account(slot.size)
@@ -728,13 +790,19 @@ class StreamRewriter:
 
     def _step(self) -> StreamStep:
         out = self._out
-        while self._queue and self._queue[0].ready:
-            slot = self._queue.popleft()
+        queue = self._queue
+        while queue and queue[0].ready:
+            slot = queue.popleft()
             self._pending -= slot.size
             out.append(slot.render())
+        if not out and not self._new:
+            return _NOTHING
         self._out = []
+        if not self._new:
+            return StreamStep(out[0] if len(out) == 1 else b"".join(out))
         new, self._new = tuple(self._new), []
         return StreamStep(b"".join(out), new)
 
 
+_NOTHING = StreamStep(b"")
 _PLACEHOLDER = CallView(ToolCall(id="", name="", arguments={}), raw_arguments="")
