@@ -68,6 +68,7 @@ from bastion.adapters.wire import (
     BodyDecoder,
     CallView,
     StreamRewriter,
+    StreamStep,
     Verdict,
     anthropic_error,
     can_decode,
@@ -1143,6 +1144,7 @@ class ResponseGuard:
         self._size = 0
         self._decoder: BodyDecoder | None = None
         self._rewriter: StreamRewriter | None = None
+        self._unsettled: StreamStep | BaseException | None = None
         self._events: MCPEventStream | None = None
         self._stream_kind: str = ""
         self.mode: Literal["pass", "buffer", "stream"] = "pass"
@@ -1263,18 +1265,54 @@ class ResponseGuard:
 
     async def feed(self, chunk: bytes) -> bytes:
         """Bytes to send for an upstream chunk (stream mode). Never raises."""
+        if self._events is None:
+            out = self.feed_sync(chunk)
+            return out if out is not None else await self.settle()
         if self.done:
             return b""
         try:
             if self._decoder is not None:
                 chunk = self._decoder.feed(chunk)
-            if self._events is not None:
-                return await self._feed_mcp(chunk)
-            assert self._rewriter is not None
+            return await self._feed_mcp(chunk)
+        except Exception as exc:
+            return self._abort(exc)
+
+    @property
+    def feeds_sync(self) -> bool:
+        """Stream mode for an LLM route: :meth:`feed_sync` may be used instead of :meth:`feed`."""
+        return self._rewriter is not None
+
+    def feed_sync(self, chunk: bytes) -> bytes | None:
+        """:meth:`feed` without an event loop, for LLM streams (:attr:`feeds_sync`).
+
+        Returns the bytes to send, or None when the chunk needs async work (tool
+        calls to decide, or an error to audit): then ``await settle()`` gives the
+        bytes, on the guard's loop. Never raises; touches only this response's state.
+        """
+        if self.done:
+            return b""
+        assert self._rewriter is not None
+        try:
+            if self._decoder is not None:
+                chunk = self._decoder.feed(chunk)
             step = self._rewriter.feed(chunk)
-            if not step.needs_verdict:
-                return step.output
-            return step.output + await self._verdicts(step.needs_verdict)
+        except Exception as exc:
+            self._unsettled = exc
+            return None
+        if not step.needs_verdict:
+            return step.output
+        self._unsettled = step
+        return None
+
+    async def settle(self) -> bytes:
+        """The bytes for the chunk :meth:`feed_sync` left unsettled. Never raises."""
+        pending, self._unsettled = self._unsettled, None
+        try:
+            if isinstance(pending, BaseException):
+                raise pending
+            if pending is None:
+                return b""
+            return pending.output + await self._verdicts(pending.needs_verdict)
         except Exception as exc:
             return self._abort(exc)
 

@@ -119,9 +119,16 @@ class _SyncGuardedStream:
 
     def __iter__(self) -> Iterator[bytes]:
         guard, run = self._guard, self._loop.run
+        direct = guard.feeds_sync
         try:
             for chunk in self._upstream.stream:
-                out = run(guard.feed(chunk))
+                if direct:
+                    # Most chunks need no awaiting: no hop to the guard's loop for them.
+                    out = guard.feed_sync(chunk)
+                    if out is None:
+                        out = run(guard.settle())
+                else:
+                    out = run(guard.feed(chunk))
                 if out:
                     yield out
                 if guard.done:
