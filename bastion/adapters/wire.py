@@ -634,6 +634,8 @@ class StreamRewriter:
         self._tail = b""
         # The parser is between events (so whole events may skip it).
         self._synced = False
+        # The stream has CRs that end lines alone; the parser then reads all of it.
+        self._lone_cr = False
 
     # -- public surface
 
@@ -643,15 +645,20 @@ class StreamRewriter:
             raise ProtocolError("stream already closed", code="stream_closed")
         data = self._tail + chunk if self._tail else chunk
         self._tail = b""
+        if self._lone_cr:
+            self._parse(data)
+            return self._step()
         if b"\r" in data:
-            if data.endswith(b"\r"):
-                # Maybe the first half of a CRLF: decide when the next byte is known.
-                data, self._tail = data[:-1], b"\r"
-            if data.count(b"\r") != data.count(b"\r\n"):
-                # Lone CR line ends: no byte-level shortcut, the parser reads it all.
+            # A CR ending the chunk may be the first half of a CRLF: keep it back.
+            lf = data[:-1] if data.endswith(b"\r") else data
+            if lf.count(b"\r") != lf.count(b"\r\n"):
+                # Lone CR line ends: no byte-level shortcut, the parser reads the rest.
+                self._lone_cr = True
                 self._parse(data)
                 return self._step()
-            data = data.replace(b"\r\n", b"\n")
+            if lf is not data:
+                self._tail = b"\r"
+            data = lf.replace(b"\r\n", b"\n")
         # LF line ends only from here, so an event ends exactly at each LF LF.
         if not self._synced:
             # Finish the event the parser is inside (or the stream's start) the slow way.
@@ -661,6 +668,9 @@ class StreamRewriter:
                 return self._step()
             self._parse(data[:first])
             data = data[first:]
+            if not self._synced:
+                self._parse(data)
+                return self._step()
         cut = data.rfind(b"\n\n") + 2
         if cut > 1:
             head = data[:cut] if cut < len(data) else data

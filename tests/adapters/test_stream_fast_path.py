@@ -311,3 +311,14 @@ def test_a_chunk_with_a_tool_call_fragment_takes_the_parsing_path() -> None:
     step = rewriter.feed(f"data: {json.dumps(chunk)}\n\n".encode())
     assert step.output == b""
     assert rewriter.pending_bytes > 0
+
+
+def test_a_cr_pair_split_before_its_lf_still_ends_the_event() -> None:
+    # "\r\r\n" is a line end then an empty line; cut after the first CR.
+    stream = b'event: a\r\ndata: {"x": 1}\r\r\nevent: b\ndata: {"y": 2}\n\n'
+    cut = stream.index(b"\r\r") + 1
+    _assert_same(AnthropicStreamRewriter, stream, [cut], set())
+    rewriter = AnthropicStreamRewriter()
+    out = rewriter.feed(stream[:cut]).output + rewriter.feed(stream[cut:]).output
+    parser = SSEParser()
+    assert [e.event for e in parser.feed(out + rewriter.close())] == ["a", "b"]
