@@ -255,6 +255,16 @@ def oracle_decisions(w: W.Workload) -> list[bool]:
     return [W.oracle(replace(w, rules=tuple(by_tool.get(r.tool, ()))), r) for r in w.requests]
 
 
+def candidates_per_request(w: W.Workload) -> float:
+    """How many rules target the requested tool, on average: the work no index can avoid."""
+    per_tool: dict[str, int] = {}
+    for rule in w.rules:
+        for t in [rule.pattern] if rule.target == "exact" else w.tools:
+            if rule.matches_tool(t):
+                per_tool[t] = per_tool.get(t, 0) + 1
+    return statistics.mean(per_tool.get(r.tool, 0) for r in w.requests)
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -344,7 +354,10 @@ def run(
     for size in sizes:
         w = W.generate(size, n_requests)
         truth = oracle_decisions(w)
-        log(f"rules={size}: {W.describe(w)['kinds']}, {sum(truth)}/{len(truth)} requests allowed")
+        log(
+            f"rules={size}: {W.describe(w)['kinds']}, {sum(truth)}/{len(truth)} requests allowed,"
+            f" {candidates_per_request(w):.1f} rules name the requested tool on average"
+        )
         inputs: dict[str, list[Any]] = {}
         for e in engines:
             if quick and e not in FAST and size > 1_000:
