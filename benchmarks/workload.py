@@ -235,19 +235,19 @@ def generate(n_rules: int, n_requests: int = 10_000, seed: int = 7) -> Workload:
 def holds(cond: Cond, person: Person, args: Mapping[str, Any], tainted: bool) -> bool:
     kind, value = cond.kind, cond.value
     if kind == "group":
-        return value in person.groups
+        return bool(value in person.groups)
     if kind == "tenant":
         return bool(person.tenant == value)
     if kind == "role":
-        return value in person.roles
+        return bool(value in person.roles)
     if kind == "level_ge":
-        return person.level >= value
+        return bool(person.level >= value)
     if kind == "amount_gt":
         amount = args.get("amount")
-        return isinstance(amount, int) and amount > value
+        return isinstance(amount, int) and bool(amount > value)
     if kind == "amount_lt":
         amount = args.get("amount")
-        return isinstance(amount, int) and amount < value
+        return isinstance(amount, int) and bool(amount < value)
     if kind == "repo_prefix":
         repo = args.get("repo")
         return isinstance(repo, str) and repo.startswith(value)
@@ -392,16 +392,16 @@ class IndexedBaseline:
 def _bastion_cond(cond: Cond) -> str:
     kind, v = cond.kind, cond.value
     return {
-        "group": lambda: f'identity.groups has "{v}"',
-        "tenant": lambda: f'identity.tenant == "{v}"',
-        "role": lambda: f'identity.roles has "{v}"',
-        "level_ge": lambda: f"identity.level >= {v}",
-        "amount_gt": lambda: f"args.amount > {v}",
-        "amount_lt": lambda: f"args.amount < {v}",
-        "repo_prefix": lambda: f'args.repo startswith "{v}"',
-        "tainted": lambda: "context.tainted",
-        "not_tainted": lambda: "context.tainted",  # written as an `unless` clause
-    }[kind]()
+        "group": f'identity.groups has "{v}"',
+        "tenant": f'identity.tenant == "{v}"',
+        "role": f'identity.roles has "{v}"',
+        "level_ge": f"identity.level >= {v}",
+        "amount_gt": f"args.amount > {v}",
+        "amount_lt": f"args.amount < {v}",
+        "repo_prefix": f'args.repo startswith "{v}"',
+        "tainted": "context.tainted",
+        "not_tainted": "context.tainted",  # written as an `unless` clause
+    }[kind]
 
 
 def to_bastion(rules: tuple[Rule, ...]) -> str:
@@ -423,16 +423,16 @@ def to_bastion(rules: tuple[Rule, ...]) -> str:
 def _cedar_cond(cond: Cond) -> str:
     kind, v = cond.kind, cond.value
     return {
-        "group": lambda: f'principal in Group::"{v}"',
-        "tenant": lambda: f'principal.tenant == "{v}"',
-        "role": lambda: f'principal.roles.contains("{v}")',
-        "level_ge": lambda: f"principal.level >= {v}",
-        "amount_gt": lambda: f"context.args has amount && context.args.amount > {v}",
-        "amount_lt": lambda: f"context.args has amount && context.args.amount < {v}",
-        "repo_prefix": lambda: f'context.args has repo && context.args.repo like "{v}*"',
-        "tainted": lambda: "context.tainted",
-        "not_tainted": lambda: "!context.tainted",
-    }[kind]()
+        "group": f'principal in Group::"{v}"',
+        "tenant": f'principal.tenant == "{v}"',
+        "role": f'principal.roles.contains("{v}")',
+        "level_ge": f"principal.level >= {v}",
+        "amount_gt": f"context.args has amount && context.args.amount > {v}",
+        "amount_lt": f"context.args has amount && context.args.amount < {v}",
+        "repo_prefix": f'context.args has repo && context.args.repo like "{v}*"',
+        "tainted": "context.tainted",
+        "not_tainted": "!context.tainted",
+    }[kind]
 
 
 def to_cedar(rules: tuple[Rule, ...]) -> str:
@@ -508,16 +508,16 @@ m = keyMatch(r.obj, p.obj) && eval(p.cond)
 def _casbin_cond(cond: Cond) -> str:
     kind, v = cond.kind, cond.value
     return {
-        "group": lambda: f"'{v}' in r.sub.groups",
-        "tenant": lambda: f"r.sub.tenant == '{v}'",
-        "role": lambda: f"'{v}' in r.sub.roles",
-        "level_ge": lambda: f"r.sub.level >= {v}",
-        "amount_gt": lambda: f"'amount' in r.args and r.args.amount > {v}",
-        "amount_lt": lambda: f"'amount' in r.args and r.args.amount < {v}",
-        "repo_prefix": lambda: f"'repo' in r.args and keyMatch(r.args.repo, '{v}*')",
-        "tainted": lambda: "r.ctx.tainted",
-        "not_tainted": lambda: "not r.ctx.tainted",
-    }[kind]()
+        "group": f"'{v}' in r.sub.groups",
+        "tenant": f"r.sub.tenant == '{v}'",
+        "role": f"'{v}' in r.sub.roles",
+        "level_ge": f"r.sub.level >= {v}",
+        "amount_gt": f"'amount' in r.args and r.args.amount > {v}",
+        "amount_lt": f"'amount' in r.args and r.args.amount < {v}",
+        "repo_prefix": f"'repo' in r.args and keyMatch(r.args.repo, '{v}*')",
+        "tainted": "r.ctx.tainted",
+        "not_tainted": "not r.ctx.tainted",
+    }[kind]
 
 
 def to_casbin(rules: tuple[Rule, ...]) -> list[list[str]]:
@@ -538,16 +538,16 @@ def to_casbin(rules: tuple[Rule, ...]) -> list[list[str]]:
 def _rego_cond(cond: Cond) -> str:
     kind, v = cond.kind, cond.value
     return {
-        "group": lambda: f'"{v}" in input.identity.groups',
-        "tenant": lambda: f'input.identity.tenant == "{v}"',
-        "role": lambda: f'"{v}" in input.identity.roles',
-        "level_ge": lambda: f"input.identity.level >= {v}",
-        "amount_gt": lambda: f"input.args.amount > {v}",
-        "amount_lt": lambda: f"input.args.amount < {v}",
-        "repo_prefix": lambda: f'startswith(input.args.repo, "{v}")',
-        "tainted": lambda: "input.context.tainted",
-        "not_tainted": lambda: "not input.context.tainted",
-    }[kind]()
+        "group": f'"{v}" in input.identity.groups',
+        "tenant": f'input.identity.tenant == "{v}"',
+        "role": f'"{v}" in input.identity.roles',
+        "level_ge": f"input.identity.level >= {v}",
+        "amount_gt": f"input.args.amount > {v}",
+        "amount_lt": f"input.args.amount < {v}",
+        "repo_prefix": f'startswith(input.args.repo, "{v}")',
+        "tainted": "input.context.tainted",
+        "not_tainted": "not input.context.tainted",
+    }[kind]
 
 
 def to_rego(rules: tuple[Rule, ...]) -> str:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,7 @@ W = engine.W
 
 
 @pytest.fixture(scope="module")
-def small() -> object:
+def small() -> Any:
     return W.generate(60, 400, seed=3)
 
 
@@ -64,7 +65,7 @@ def test_workload_mixes_every_target_condition_and_effect() -> None:
 
 
 def test_requests_are_neither_all_allowed_nor_all_denied_and_forbids_override(
-    small: object,
+    small: Any,
 ) -> None:
     w = small
     truth = [W.oracle(w, r) for r in w.requests]
@@ -85,7 +86,7 @@ def test_requests_are_neither_all_allowed_nor_all_denied_and_forbids_override(
     assert overridden > 0
 
 
-def test_indexed_oracle_equals_the_full_scan(small: object) -> None:
+def test_indexed_oracle_equals_the_full_scan(small: Any) -> None:
     w = small
     assert engine.oracle_decisions(w) == [W.oracle(w, r) for r in w.requests]
 
@@ -94,7 +95,7 @@ ENGINES = ["bastion", "bastion_fresh_id", "baseline", "reference", "cedarpy", "c
 
 
 @pytest.mark.parametrize("name", ENGINES)
-def test_engine_decides_every_request_like_the_oracle(name: str, small: object) -> None:
+def test_engine_decides_every_request_like_the_oracle(name: str, small: Any) -> None:
     w = small
     if name == "reference" and not (ROOT / "tests" / "policy" / "reference.py").exists():
         pytest.skip("the reference interpreter has not landed yet")
