@@ -39,6 +39,14 @@ MCP routes: ``tools/call`` decided before it reaches the server (refusal as an
 classified and tainting the MCP session (``bastion.session.SessionKey``:
 ``Mcp-Session-Id`` in handshake revisions, the ``conversation_header`` or the
 identity in 2026-07-28). Calls are decided with the session's taint.
+
+Audit: every decision that changes traffic or trust reaches ``on_decision``:
+each tool call (allowed or not), the model decision, each hidden tool, each
+tool output that was rewritten (redacted, blocked, quarantined), classified
+untrusted or untraced, the context's initial distrust, and every error. Tools
+shown as offered and tool output trusted as it stands change nothing and are
+not audited one by one (an agent resends its whole conversation and tools list
+every turn; auditing them would repeat the same non-events each request).
 """
 
 from __future__ import annotations
@@ -768,11 +776,12 @@ class Exchange:
                 # Output no call in the conversation produced: never trust it.
                 untrusted, trusted = _plain_text(content), None
                 detail["untraced"] = True
-        guard.audit(
-            self.event(
-                decision, result.name or "<untraced>", arguments=result.arguments, detail=detail
+        if changed or untrusted is not None or detail or effect is not Effect.TRUSTED:
+            guard.audit(
+                self.event(
+                    decision, result.name or "<untraced>", arguments=result.arguments, detail=detail
+                )
             )
-        )
         self._add_texts(result.name or "<untraced>", untrusted, trusted)
         return content, changed, untrusted
 
@@ -980,9 +989,10 @@ class Exchange:
                 decision = guard.policy.decide_visibility(
                     identity, spec, self.context, request=self.info
                 )
-                guard.audit(self.event(decision, spec.name))
                 if decision.effect is Effect.SHOW:
                     keep.append(spec.name)
+                else:
+                    guard.audit(self.event(decision, spec.name))
             if len(keep) != len(req.tools):
                 req.keep_tools(keep)
                 changed = True
@@ -1113,7 +1123,8 @@ class Exchange:
                     "added": spec.name in report.added,
                     "changed": list(report.changed.get(spec.name, ())),
                 }
-            guard.audit(self.event(decision, spec.name, detail=detail))
+            if decision.effect is not Effect.SHOW or detail:
+                guard.audit(self.event(decision, spec.name, detail=detail))
             if decision.effect is Effect.SHOW:
                 keep.append(spec.name)
         return MCPCodec.filter_tools(result, keep)
