@@ -40,6 +40,7 @@ from typing import Any
 from bastion.adapters.sse import SSEEvent, encode_event
 from bastion.adapters.wire import (
     CallView,
+    LazyArguments,
     Location,
     ResultView,
     StreamRewriter,
@@ -50,7 +51,7 @@ from bastion.adapters.wire import (
     parse_arguments,
 )
 from bastion.errors import ProtocolError
-from bastion.events import ToolCall, ToolResult, ToolSpec
+from bastion.events import ToolCall, ToolResult, ToolSpec, split_tool_name
 
 __all__ = [
     "ChatRequest",
@@ -185,10 +186,11 @@ def _chat_tool_spec(tool: Any) -> ToolSpec | None:
     inner = tool.get("function") or tool.get("custom") or {}
     description = inner.get("description")
     parameters = inner.get("parameters")
-    return ToolSpec.named(
+    return ToolSpec(
         name,
-        description=description if isinstance(description, str) else "",
-        input_schema=parameters if isinstance(parameters, dict) else {},
+        description if isinstance(description, str) else "",
+        parameters if isinstance(parameters, dict) else {},
+        server=split_tool_name(name)[0],
     )
 
 
@@ -257,8 +259,8 @@ class OpenAIChatCodec:
                         function["name"], description=str(function.get("description") or "")
                     )
                 )
-        produced: dict[str, tuple[str, dict[str, Any]]] = {}
-        last_function: tuple[str, dict[str, Any]] | None = None
+        produced: dict[str, tuple[str, Mapping[str, Any]]] = {}
+        last_function: tuple[str, Mapping[str, Any]] | None = None
         results: list[ResultView] = []
         user_texts: list[str] = []
         for i, message in enumerate(messages):
@@ -271,15 +273,18 @@ class OpenAIChatCodec:
                 for call in message.get("tool_calls") or []:
                     if isinstance(call, dict) and isinstance(call.get("function"), dict):
                         fn = call["function"]
-                        args, _ = parse_arguments(
-                            fn.get("arguments") if isinstance(fn.get("arguments"), str) else ""
+                        raw = fn.get("arguments")
+                        produced[str(call.get("id"))] = (
+                            str(fn.get("name") or ""),
+                            LazyArguments(raw if isinstance(raw, str) else ""),
                         )
-                        produced[str(call.get("id"))] = (str(fn.get("name") or ""), args)
                 legacy = message.get("function_call")
                 if isinstance(legacy, dict):
                     raw = legacy.get("arguments")
-                    args, _ = parse_arguments(raw if isinstance(raw, str) else "")
-                    last_function = (str(legacy.get("name") or ""), args)
+                    last_function = (
+                        str(legacy.get("name") or ""),
+                        LazyArguments(raw if isinstance(raw, str) else ""),
+                    )
             elif role == "tool":
                 call_id = message.get("tool_call_id")
                 source = produced.get(call_id) if isinstance(call_id, str) else None

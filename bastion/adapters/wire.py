@@ -28,7 +28,7 @@ import json
 import re
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -46,6 +46,7 @@ __all__ = [
     "JSONRPC_PARSE_ERROR",
     "BodyDecoder",
     "CallView",
+    "LazyArguments",
     "Location",
     "ResultView",
     "StreamRewriter",
@@ -250,6 +251,40 @@ def parse_arguments(raw: str) -> tuple[dict[str, Any], str | None]:
     if not isinstance(value, dict):
         return {}, "arguments are not a JSON object"
     return value, None
+
+
+class LazyArguments(Mapping[str, Any]):
+    """Arguments of an earlier tool call in a conversation, parsed on first use.
+
+    A request's history holds every call the agent made so far; their arguments
+    matter only if a result rule (or the audit) reads them, so the text is
+    parsed by :func:`parse_arguments` when first looked at: ``{}`` when it is
+    unusable, exactly as an eager parse would give.
+    """
+
+    __slots__ = ("_raw", "_value")
+
+    def __init__(self, raw: str) -> None:
+        self._raw = raw
+        self._value: dict[str, Any] | None = None
+
+    def _parsed(self) -> dict[str, Any]:
+        value = self._value
+        if value is None:
+            value = self._value = parse_arguments(self._raw)[0]
+        return value
+
+    def __getitem__(self, key: str) -> Any:
+        return self._parsed()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parsed())
+
+    def __len__(self) -> int:
+        return len(self._parsed())
+
+    def __repr__(self) -> str:
+        return f"LazyArguments({self._parsed()!r})"
 
 
 # ---------------------------------------------------------------- shared codec vocabulary
