@@ -32,7 +32,7 @@ time linear in the text. With RE2 installed (``pip install
 'bastion-guard[re2]'``) the built-in detectors and custom patterns run on RE2,
 which is linear by construction. Without it, built-in detectors run on Python's
 ``re`` in variants written to be safe on a backtracking engine, and custom
-patterns on the Thompson NFA of ``bastion.quarantine.regex``. The safe variants
+patterns on the pure-Python engine of ``bastion.policy.regex``. The safe variants
 follow one recipe: each begins with a look-behind that only lets a match start at
 the *start* of a run of its token characters, and every repetition over a token
 class is possessive (``++``, ``{m,n}+``), so an attempt consumes each run once and
@@ -77,7 +77,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from bastion.quarantine.regex import LinearPattern, compile_pattern, have_re2
+from bastion.policy.regex import Regex, compile_regex, engine_name
 
 __all__ = [
     "DETECTORS",
@@ -266,7 +266,7 @@ def _regex_finder(
     return find
 
 
-def _linear_finder(pattern: LinearPattern) -> Callable[[str], Iterable[tuple[int, int]]]:
+def _linear_finder(pattern: Regex) -> Callable[[str], Iterable[tuple[int, int]]]:
     def find(text: str) -> Iterable[tuple[int, int]]:
         for start, end in pattern.finditer(text):
             if end > start:
@@ -297,8 +297,8 @@ def _find_private_keys(text: str) -> Iterable[tuple[int, int]]:
 
 def _choose_engine(engine: RedactEngine | None) -> RedactEngine:
     if engine is None:
-        return "re2" if have_re2() else "python"
-    if engine == "re2" and not have_re2():
+        return "re2" if engine_name() == "re2" else "python"
+    if engine == "re2" and engine_name() != "re2":
         raise ImportError("RE2 is not installed: pip install 'bastion-guard[re2]'")
     return engine
 
@@ -309,10 +309,10 @@ class Redactor:
     ``detectors`` are built-in detector names or group names (``secrets``,
     ``pii``); the default is every secret detector (no personal data).
     ``patterns`` adds custom patterns (the linear-time subset of
-    ``bastion.quarantine.regex``), as a mapping name -> pattern or a sequence
-    (each then named ``custom``). ``engine`` forces ``"re2"`` or ``"python"``;
-    by default RE2 is used when installed. Unknown detector names and bad
-    patterns raise ValueError at construction.
+    ``bastion.policy.regex``, as for ``matches``), as a mapping name -> pattern
+    or a sequence (each then named ``custom``). ``engine`` forces ``"re2"`` or
+    ``"python"``; by default RE2 is used when installed. Unknown detector names
+    and bad patterns (``RegexError``) raise ValueError at construction.
     """
 
     def __init__(
@@ -334,7 +334,7 @@ class Redactor:
         self.detectors = names
         self._compiled = [self._compile(name) for name in names]
         for label, source in named:
-            compiled = compile_pattern(source, "re2" if self.engine == "re2" else "nfa")
+            compiled = compile_regex(source, "re2" if self.engine == "re2" else "nfa")
             self._compiled.append(_Compiled(label, _linear_finder(compiled), None))
 
     @classmethod

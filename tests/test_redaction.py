@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bastion.quarantine.regex import PatternError
+from bastion.policy.regex import RegexError
 from bastion.redaction import DETECTORS, Redactor, block_placeholder
 
 ALNUM = string.ascii_letters + string.digits
@@ -275,9 +275,9 @@ def test_custom_patterns_by_name_and_unknown_names_as_patterns() -> None:
 def test_unsafe_or_unknown_configuration_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown redaction detector"):
         Redactor(["aws_keys_typo"])
-    with pytest.raises(PatternError):
+    with pytest.raises(RegexError):
         Redactor([], patterns=[r"(a)\1"])
-    with pytest.raises(PatternError):
+    with pytest.raises(RegexError):
         Redactor([], patterns=[r"(?<=x)y"])
 
 

@@ -51,7 +51,6 @@ questions, answers, model, rounds and cache hits for the audit ``detail``.
 Quarantined output does not taint the context: the main model never sees it.
 """
 
-from bastion.quarantine.regex import PatternError, compile_pattern
 from bastion.quarantine.schema import SafeSchema, SchemaLimits, SchemaViolation, UnsafeSchemaError
 from bastion.quarantine.service import (
     DEFAULT_SYSTEM_PROMPT,
@@ -69,7 +68,6 @@ from bastion.quarantine.service import (
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "FollowUp",
-    "PatternError",
     "Quarantine",
     "QuarantineConfig",
     "QuarantineFailed",
@@ -82,5 +80,4 @@ __all__ = [
     "SchemaLimits",
     "SchemaViolation",
     "UnsafeSchemaError",
-    "compile_pattern",
 ]

@@ -9,10 +9,11 @@ fits a *safe shape*, checked here:
   finite), or ``{"type": "integer", "enum": [...]}``;
 - ``{"type": "string", "enum": [...]}`` (strings the policy author wrote), or
   ``{"type": "string", "pattern": p, "maxLength": n}`` (optional ``minLength``),
-  where ``p`` is in the linear-time subset of ``bastion.quarantine.regex``, is
-  matched against the whole string, and cannot match whitespace or control
-  characters: a patterned string is one token (an id, a date, an amount), never
-  a sentence that could carry instructions;
+  where ``p`` is in the linear-time subset of ``bastion.policy.regex`` without
+  word boundaries and with ``^``/``$`` only at its very start/end, is matched
+  against the whole string, and cannot match whitespace or control characters:
+  a patterned string is one token (an id, a date, an amount), never a sentence
+  that could carry instructions;
 - ``{"enum": [...]}`` of strings, integers, numbers or booleans;
 - ``{"type": "array", "items": <safe>, "maxItems": n}`` (optional ``minItems``,
   ``uniqueItems``);
@@ -38,7 +39,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bastion.quarantine.regex import Engine, LinearPattern, PatternError, compile_pattern, parse
+from bastion.policy.regex import (
+    Alternation,
+    Assertion,
+    Concat,
+    Engine,
+    Node,
+    Parsed,
+    Regex,
+    RegexError,
+    compile_regex,
+    parse,
+)
 
 __all__ = ["SafeSchema", "SchemaLimits", "SchemaViolation", "UnsafeSchemaError"]
 
@@ -48,6 +60,8 @@ UNSAFE_CHARS = (
     + " \x7f\x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff"
     + "".join(chr(code) for code in range(0x2000, 0x200C))
 )
+
+MAX_PATTERN_LENGTH = 2000
 
 _COMMON = frozenset({"type", "title", "description"})
 _ALLOWED = {
@@ -90,6 +104,30 @@ def _same_scalar(a: Any, b: Any) -> bool:
     if _is_number(a) and _is_number(b):
         return bool(a == b)
     return type(a) is type(b) and a == b
+
+
+def _edge_anchors(node: Node) -> set[Assertion]:
+    """The ``^`` that starts ``node`` and the ``$`` that ends it, if any."""
+    items = node.items if isinstance(node, Concat) else (node,)
+    if not items:
+        return set()
+    first, last = items[0], items[-1]
+    anchors = {first} if isinstance(first, Assertion) and first.kind == "bol" else set()
+    return anchors | ({last} if isinstance(last, Assertion) and last.kind == "eol" else set())
+
+
+def _token_pattern_problem(parsed: Parsed) -> str | None:
+    """What a token pattern uses beyond the plain subset: word boundaries, inner anchors."""
+    root = parsed.root
+    if isinstance(root, Alternation) and any(_edge_anchors(b) for b in root.branches):
+        return "an anchored alternation must be grouped: ^(?:a|b)$"
+    allowed = _edge_anchors(root)
+    for node in parsed.nodes():
+        if isinstance(node, Assertion) and node not in allowed:
+            if node.kind in ("word", "nonword"):
+                return f"word boundaries (\\b, \\B) are not supported (at offset {node.offset})"
+            return f"anchors are only allowed at the start and end (at offset {node.offset})"
+    return None
 
 
 class _Node:
@@ -135,7 +173,7 @@ class _Enum(_Node):
 
 @dataclass(slots=True)
 class _Pattern(_Node):
-    pattern: LinearPattern
+    pattern: Regex
     min_length: int
     max_length: int
 
@@ -309,11 +347,16 @@ class SafeSchema:
         source = schema["pattern"]
         if not isinstance(source, str):
             raise self._fail(path, "'pattern' must be a string")
+        if len(source) > MAX_PATTERN_LENGTH:
+            raise self._fail(path, f"'pattern' longer than {MAX_PATTERN_LENGTH} characters")
         try:
             parsed = parse(source)
-            compiled = compile_pattern(source, self.engine)
-        except PatternError as exc:
-            raise self._fail(path, str(exc)) from exc
+            problem = _token_pattern_problem(parsed)
+            compiled = compile_regex(source, self.engine)
+        except RegexError as exc:
+            raise self._fail(path, f"pattern {source!r}: {exc}") from exc
+        if problem:
+            raise self._fail(path, f"pattern {source!r}: {problem}")
         if parsed.can_match_any_of(UNSAFE_CHARS):
             raise self._fail(path, "the pattern can match whitespace or control characters")
         self._free_chars += high * multiplier

@@ -21,7 +21,7 @@ import cachetools
 import httpx
 
 from bastion.errors import QuarantineError
-from bastion.quarantine.regex import Engine
+from bastion.policy.regex import Engine
 from bastion.quarantine.schema import SafeSchema, SchemaLimits, SchemaViolation, UnsafeSchemaError
 
 __all__ = [
