@@ -46,7 +46,7 @@ from bastion.policy.compiler import (
     result_view,
 )
 from bastion.policy.diagnostics import Diagnostic, PolicyError
-from bastion.policy.parser import parse_source
+from bastion.policy.parser import gc_paused, parse_source
 from bastion.policy.schema import Schema
 
 __all__ = ["LimitHit", "Policy"]
@@ -112,6 +112,15 @@ def _load_schema(schema: SchemaArg) -> Schema | None:
 
 
 def _build(
+    paths: Sequence[PathLike],
+    inline: tuple[str, str] | None,
+    schema_arg: SchemaArg,
+) -> _Loaded:
+    with gc_paused():
+        return _build_now(paths, inline, schema_arg)
+
+
+def _build_now(
     paths: Sequence[PathLike],
     inline: tuple[str, str] | None,
     schema_arg: SchemaArg,

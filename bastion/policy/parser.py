@@ -7,8 +7,12 @@ one error per broken statement instead of stopping at the first.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import cache
 from importlib import resources
@@ -79,6 +83,36 @@ class _Cut(Exception):
         self.diag = diag
 
 
+_gc_lock = threading.Lock()
+_gc_depth = 0
+_gc_was_enabled = False
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a policy loads (re-entrant, thread-safe).
+
+    A load allocates hundreds of thousands of long-lived objects (tokens, AST,
+    compiled rules); each full collection the allocations trigger scans all of
+    them again, which more than doubles the time of a large load. Nothing a load
+    builds is cyclic garbage, and the collector resumes (if it was running) when
+    the last concurrent load ends.
+    """
+    global _gc_depth, _gc_was_enabled
+    with _gc_lock:
+        if _gc_depth == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_depth += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_depth -= 1
+            if _gc_depth == 0 and _gc_was_enabled:
+                gc.enable()
+
+
 @cache
 def _parser() -> Lark:
     grammar = resources.files("bastion.policy").joinpath("grammar.lark").read_text("utf-8")
@@ -103,6 +137,15 @@ def parse_source(text: str, path: str = "<string>") -> ast.PolicyFile:
         line = text[: text.index("\x00")].count("\n") + 1
         raise PolicyError([Diagnostic(path, line, 1, "NUL byte in policy text", code="syntax")])
     text = text.removeprefix("\ufeff")
+    with gc_paused():
+        fast = _parse_fast(text, path)
+        if fast is not None:
+            return fast
+        return _parse_exact(text, path)
+
+
+def _parse_exact(text: str, path: str) -> ast.PolicyFile:
+    """The lark path: authoritative for every diagnostic and every span."""
     try:
         tree = _parser().parse(text)
     except UnexpectedInput as exc:
@@ -699,3 +742,675 @@ class _Builder:
         if d == "or_":
             return ast.Or(self._flatten(node, "or_"), span)
         raise _Cut(Diagnostic(self.path, span.line, span.col, f"unsupported expression {d}"))
+
+
+# ---- the fast path -----------------------------------------------------------
+#
+# Loading a large policy with lark costs seconds (its parse tree, then a walk
+# over it). Valid files, which is nearly every load, go through this
+# hand-written recursive descent instead: one regex pass for the tokens, the
+# AST built directly, every span computed exactly as lark's propagated
+# positions give it (a node runs from its first to its last token, keywords
+# included; parentheses belong to the parent's span, not the node's). Anything
+# it is not sure of (a syntax or semantic error, a reserved word used as a
+# name, an odd token) makes it give up, and the file is parsed again by lark,
+# which reports the diagnostics. tests/policy/test_engine_parse.py checks that
+# both paths give the same AST and spans.
+
+
+class _Bail(Exception):
+    """Internal: the fast path gives the file to lark."""
+
+
+# Possessive: a comment must not give back its last characters as a token.
+_FAST_TOKEN = re.compile(
+    r"(?:[ \t\f\r\n]++|#[^\n]*+|//[^\n]*+)*+"
+    r"(?:"
+    r"(\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*')"  # 1 string
+    r"|(-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)"  # 2 number
+    r"|([A-Za-z_][A-Za-z0-9_]*)"  # 3 word
+    r"|(==|!=|<=|>=|<|>)"  # 4 comparison
+    r"|([@().,\[\]{}:;=*+])"  # 5 punctuation
+    r"|(\Z)"  # 6 end of text
+    r")"
+)
+_KINDS = ("", "s", "n", "w", "cmp", "", "eof")
+
+_EFFECT_WORDS = frozenset(
+    {"allow", "forbid", "ask", "hide", "show", "trusted", "untrusted", "quarantine", "redact"}
+    | {"block"}
+)
+_SET_KINDS = frozenset({"tools", "models", "values"})
+_STATEMENT_WORDS = _EFFECT_WORDS | _SET_KINDS | {"include", "default", "limit"}
+_CLAUSE_WORDS = frozenset({"when", "unless", "reason", "route", "at", "using", "with", "by"})
+_COMPARE_WORDS = frozenset({"in", "has", "startswith", "endswith", "contains", "matches", "like"})
+_SOURCES = frozenset({"untrusted", "user", "trusted"})
+_RULE_KINDS = frozenset({"call", "tool", "result", "model", "context"})
+_DEFAULT_KINDS = frozenset({"call", "result", "model", "context"})
+_LIMIT_KINDS = frozenset({"call", "model"})
+# Every word the grammar treats as a keyword somewhere. Where lark would read
+# one of these as a name (it depends on the parser state), the fast path
+# does not guess: it gives up.
+_RESERVED = (
+    _STATEMENT_WORDS
+    | _CLAUSE_WORDS
+    | _COMPARE_WORDS
+    | _SOURCES
+    | _RULE_KINDS
+    | {"policy", "to", "per", "calls", "tokens", "or", "and", "not", "from"}
+    | {"true", "false", "null"}
+    | set(WINDOW_WORDS)
+)
+_ROOT_RESERVED = _RESERVED - ast.ROOTS
+_LITERAL_WORDS = {"true": True, "false": False, "null": None}
+
+# A parsed expression with the extent of its container (its parentheses, if any).
+_Ex = tuple[ast.Expr, int, int, int, int]
+# Tokens: (kind, text, line, col, end_col); kind is "s", "n", "w", "cmp", the
+# punctuation itself, or "eof".
+_Tok = tuple[str, str, int, int, int]
+
+
+def _tokens(text: str) -> list[_Tok]:
+    starts = [0]
+    find = text.find
+    p = find("\n")
+    while p >= 0:
+        starts.append(p + 1)
+        p = find("\n", p + 1)
+    out: list[_Tok] = []
+    append = out.append
+    pos = 0
+    line = 1
+    nlines = len(starts)
+    next_start = starts[1] if nlines > 1 else len(text) + 1
+    kinds = _KINDS
+    for m in _FAST_TOKEN.finditer(text):
+        if m.start() != pos:
+            raise _Bail
+        g = m.lastindex or 0
+        s = m.start(g)
+        while s >= next_start:
+            line += 1
+            next_start = starts[line] if line < nlines else len(text) + 1
+        tok = m.group(g)
+        col = s - starts[line - 1] + 1
+        kind = kinds[g] or tok
+        append((kind, tok, line, col, col + len(tok)))
+        pos = m.end()
+    if not out or out[-1][0] != "eof":
+        raise _Bail
+    return out
+
+
+def _parse_fast(text: str, path: str) -> ast.PolicyFile | None:
+    """The AST of a valid file, or None when lark must decide."""
+    try:
+        toks = _tokens(text)
+        return _Fast(path, toks).file(text)
+    except Exception:  # any surprise goes to the exact parser
+        return None
+
+
+class _Fast:
+    __slots__ = ("i", "path", "toks")
+
+    def __init__(self, path: str, toks: list[_Tok]) -> None:
+        self.path = path
+        self.toks = toks
+        self.i = 0
+
+    def expect(self, kind: str) -> _Tok:
+        t = self.toks[self.i]
+        if t[0] != kind:
+            raise _Bail
+        self.i += 1
+        return t
+
+    def word(self, words: frozenset[str] | None = None) -> _Tok:
+        t = self.toks[self.i]
+        if t[0] != "w" or (words is not None and t[1] not in words):
+            raise _Bail
+        self.i += 1
+        return t
+
+    def span(self, a: _Tok, b: _Tok) -> ast.Span:
+        return ast.Span(self.path, a[2], a[3], b[2], b[4])
+
+    # -- file and statements
+    def file(self, text: str) -> ast.PolicyFile:
+        toks = self.toks
+        path = self.path
+        name: str | None = None
+        file_anns: tuple[ast.Annotation, ...] = ()
+        header_span: ast.Span | None = None
+        statements: list[ast.Statement] = []
+        first = True
+        while True:
+            t = toks[self.i]
+            k = t[0]
+            if k == "eof":
+                break
+            anns: tuple[ast.Annotation, ...] = ()
+            start = t
+            if k == "@":
+                anns = self.annotations()
+                t = toks[self.i]
+                if t[0] != "w":
+                    raise _Bail
+            elif k != "w":
+                raise _Bail
+            w = t[1]
+            if w == "policy":
+                if not first:
+                    raise _Bail
+                self.i += 1
+                s = self.expect("s")
+                name = unquote(s[1])
+                end = s
+                if toks[self.i][0] == ";":
+                    end = toks[self.i]
+                    self.i += 1
+                if any(a.name == "id" for a in anns):
+                    raise _Bail
+                file_anns = anns
+                header_span = ast.Span(path, start[2], start[3], end[2], end[4])
+                first = False
+                continue
+            first = False
+            if w in _EFFECT_WORDS:
+                statements.append(self.rule(anns, start))
+            elif w == "limit":
+                statements.append(self.limit_rule(anns, start))
+            elif anns:
+                raise _Bail
+            elif w == "include":
+                self.i += 1
+                s = self.expect("s")
+                statements.append(ast.Include(unquote(s[1]), self.span(t, s)))
+            elif w == "default":
+                self.i += 1
+                kt = self.word(_DEFAULT_KINDS)
+                et = self.word()
+                kind, effect = kt[1], et[1]
+                if effect not in DEFAULT_EFFECTS[kind]:
+                    raise _Bail
+                if effect == "forbid":
+                    effect = "deny"
+                statements.append(ast.Default(kind, effect, self.span(t, et)))
+            elif w in _SET_KINDS:
+                self.i += 1
+                nt = self.word()
+                self.expect("=")
+                items, close = self.list_items()
+                lits: list[ast.Lit] = []
+                for e in items:
+                    if not isinstance(e, ast.Lit) or e.value is None:
+                        raise _Bail
+                    if w != "values" and not isinstance(e.value, str):
+                        raise _Bail
+                    lits.append(e)
+                statements.append(ast.SetDecl(w, nt[1], tuple(lits), self.span(t, close)))
+            else:
+                raise _Bail
+            if toks[self.i][0] == ";":
+                self.i += 1
+        return ast.PolicyFile(
+            path,
+            name,
+            file_anns,
+            tuple(statements),
+            comments=_comments(text),
+            header_span=header_span,
+        )
+
+    def annotations(self) -> tuple[ast.Annotation, ...]:
+        toks = self.toks
+        out: list[ast.Annotation] = []
+        while toks[self.i][0] == "@":
+            at = toks[self.i]
+            self.i += 1
+            name = self.word()[1]
+            self.expect("(")
+            args: list[str | int | float | bool | None] = []
+            if toks[self.i][0] != ")":
+                while True:
+                    args.append(self.literal())
+                    if toks[self.i][0] != ",":
+                        break
+                    self.i += 1
+            close = self.expect(")")
+            if name not in KNOWN_ANNOTATIONS:
+                raise _Bail
+            if len(args) != KNOWN_ANNOTATIONS[name] or not isinstance(args[0], str):
+                raise _Bail
+            if name == "mode" and args[0] not in MODES:
+                raise _Bail
+            if name == "id" and not args[0].strip():
+                raise _Bail
+            if any(a.name == name for a in out):
+                raise _Bail
+            out.append(ast.Annotation(name, tuple(args), self.span(at, close)))
+        return tuple(out)
+
+    def literal(self) -> str | int | float | bool | None:
+        t = self.toks[self.i]
+        self.i += 1
+        k = t[0]
+        if k == "s":
+            return unquote(t[1])
+        if k == "n":
+            return _number(t[1])
+        if k == "w" and t[1] in _LITERAL_WORDS:
+            return _LITERAL_WORDS[t[1]]
+        raise _Bail
+
+    def target(self, kind_tok: _Tok, limit: bool) -> tuple[ast.Target, _Tok | None]:
+        t = self.toks[self.i]
+        k = t[0]
+        if k == "s":
+            self.i += 1
+            return ast.Target(patterns=(unquote(t[1]),), span=self.span(t, t)), t
+        if k == "[":
+            items, close = self.list_items()
+            pats: list[str] = []
+            for e in items:
+                if not isinstance(e, ast.Lit) or not isinstance(e.value, str):
+                    raise _Bail
+                pats.append(e.value)
+            if not pats:
+                raise _Bail
+            return ast.Target(patterns=tuple(pats), is_list=True, span=self.span(t, close)), close
+        if k == "*":
+            self.i += 1
+            return ast.Target(span=self.span(t, t)), t
+        if k == "w":
+            w = t[1]
+            if limit:
+                if w != "to":
+                    if w in _RESERVED:
+                        raise _Bail
+                    self.i += 1
+                    return ast.Target(set_name=w, span=self.span(t, t)), t
+            elif w not in _STATEMENT_WORDS and w not in _CLAUSE_WORDS:
+                if w in _RESERVED:
+                    raise _Bail
+                self.i += 1
+                return ast.Target(set_name=w, span=self.span(t, t)), t
+        return ast.Target(span=self.span(kind_tok, kind_tok)), None
+
+    def clauses(self, kind: str, out: dict[str, Any]) -> tuple[int, int] | None:
+        """Parse clauses into ``out``; returns the end (line, col) of the last one."""
+        toks = self.toks
+        allowed = CLAUSES_BY_KIND[kind]
+        end: tuple[int, int] | None = None
+        while True:
+            t = toks[self.i]
+            if t[0] != "w" or t[1] not in _CLAUSE_WORDS:
+                return end
+            name = t[1]
+            if name not in allowed:
+                raise _Bail
+            self.i += 1
+            if name in ("when", "unless"):
+                e = self.expr()
+                out[name].append(e[0])
+                end = (e[3], e[4])
+                continue
+            if name in out:
+                raise _Bail
+            if name in ("reason", "route"):
+                s = self.expect("s")
+                out[name] = unquote(s[1])
+                end = (s[2], s[4])
+            elif name in ("at", "using"):
+                items, close = self.list_items()
+                vals: list[str] = []
+                for e2 in items:
+                    if not (isinstance(e2, ast.Lit) and isinstance(e2.value, str) and e2.value):
+                        raise _Bail
+                    vals.append(e2.value)
+                out[name] = tuple(vals)
+                end = (close[2], close[4])
+            elif name == "with":
+                obj, close = self.object()
+                out[name] = tuple(obj.items())
+                end = (close[2], close[4])
+            else:  # by
+                if toks[self.i][0] != "w":
+                    raise _Bail
+                p = self.atom()
+                if not isinstance(p[0], ast.Path):
+                    raise _Bail
+                out[name] = p[0]
+                end = (p[3], p[4])
+
+    def rule(self, anns: tuple[ast.Annotation, ...], start: _Tok) -> ast.Rule:
+        et = self.word(_EFFECT_WORDS)
+        kt = self.word(_RULE_KINDS)
+        effect, kind = et[1], kt[1]
+        if effect not in RULE_EFFECTS[kind]:
+            raise _Bail
+        target, tend = self.target(kt, limit=False)
+        if kind == "context" and not target.any:
+            raise _Bail
+        c: dict[str, Any] = {"when": [], "unless": []}
+        cend = self.clauses(kind, c)
+        if cend is not None:
+            end_line, end_col = cend
+        elif tend is not None:
+            end_line, end_col = tend[2], tend[4]
+        else:
+            end_line, end_col = kt[2], kt[4]
+        if "with" in c and effect != "quarantine":
+            raise _Bail
+        if "using" in c and effect != "redact":
+            raise _Bail
+        path = self.path
+        full = ast.Span(path, start[2], start[3], end_line, end_col)
+        return ast.Rule(
+            effect=effect,
+            kind=kind,
+            target=target,
+            condition=_Builder.condition(c["when"], c["unless"], full),
+            when=tuple(c["when"]),
+            unless=tuple(c["unless"]),
+            reason=c.get("reason"),
+            route=c.get("route"),
+            at=c.get("at", ()),
+            using=c.get("using", ()),
+            options=c.get("with", ()),
+            annotations=anns,
+            span=ast.Span(path, et[2], et[3], end_line, end_col),
+        )
+
+    def limit_rule(self, anns: tuple[ast.Annotation, ...], start: _Tok) -> ast.LimitRule:
+        toks = self.toks
+        self.word()  # limit
+        kt = self.word(_LIMIT_KINDS)
+        kind = kt[1]
+        target, _ = self.target(kt, limit=True)
+        self.word(frozenset({"to"}))
+        amount_tok = self.expect("n")
+        unit = "tokens" if kind == "model" else "calls"
+        t = toks[self.i]
+        if t[0] == "w" and t[1] in ("calls", "tokens"):
+            unit = t[1]
+            if kind == "call" and unit == "tokens":
+                raise _Bail
+            self.i += 1
+        self.word(frozenset({"per"}))
+        t = toks[self.i]
+        if t[0] == "w" and t[1] in WINDOW_WORDS:
+            seconds = WINDOW_WORDS[t[1]]
+            wend = t
+            self.i += 1
+        elif t[0] == "n":
+            u = toks[self.i + 1]
+            if not (
+                t[1].isdigit()
+                and t[1].isascii()
+                and u[0] == "w"
+                and u[1] in WINDOW_UNITS
+                and u[2] == t[2]
+                and u[3] == t[4]
+            ):
+                raise _Bail
+            seconds = int(t[1]) * WINDOW_UNITS[u[1]]
+            wend = u
+            self.i += 2
+        else:
+            raise _Bail
+        if seconds <= 0:
+            raise _Bail
+        amount = _number(amount_tok[1])
+        if not isinstance(amount, int) or amount < 0:
+            raise _Bail
+        c: dict[str, Any] = {"when": [], "unless": []}
+        cend = self.clauses("limit", c)
+        end_line, end_col = cend if cend is not None else (wend[2], wend[4])
+        span = ast.Span(self.path, start[2], start[3], end_line, end_col)
+        return ast.LimitRule(
+            kind=kind,
+            target=target,
+            amount=amount,
+            unit=unit,
+            window_seconds=seconds,
+            by=c.get("by"),
+            condition=_Builder.condition(c["when"], c["unless"], span),
+            when=tuple(c["when"]),
+            unless=tuple(c["unless"]),
+            reason=c.get("reason"),
+            annotations=anns,
+            span=span,
+        )
+
+    # -- data
+    def list_items(self) -> tuple[list[ast.Expr], _Tok]:
+        toks = self.toks
+        self.expect("[")
+        items: list[ast.Expr] = []
+        if toks[self.i][0] != "]":
+            while True:
+                items.append(self.expr()[0])
+                if toks[self.i][0] != ",":
+                    break
+                self.i += 1
+                if toks[self.i][0] == "]":
+                    break
+        return items, self.expect("]")
+
+    def object(self) -> tuple[dict[str, Any], _Tok]:
+        toks = self.toks
+        self.expect("{")
+        out: dict[str, Any] = {}
+        if toks[self.i][0] != "}":
+            while True:
+                kt = toks[self.i]
+                if kt[0] == "s":
+                    key = unquote(kt[1])
+                elif kt[0] == "w":
+                    key = kt[1]
+                else:
+                    raise _Bail
+                self.i += 1
+                self.expect(":")
+                if key in out:
+                    raise _Bail
+                out[key] = self.value()
+                if toks[self.i][0] != ",":
+                    break
+                self.i += 1
+                if toks[self.i][0] == "}":
+                    break
+        return out, self.expect("}")
+
+    def value(self) -> Any:
+        toks = self.toks
+        t = toks[self.i]
+        k = t[0]
+        if k == "{":
+            return self.object()[0]
+        if k == "[":
+            self.i += 1
+            out: list[Any] = []
+            if toks[self.i][0] != "]":
+                while True:
+                    out.append(self.value())
+                    if toks[self.i][0] != ",":
+                        break
+                    self.i += 1
+                    if toks[self.i][0] == "]":
+                        break
+            self.expect("]")
+            return out
+        return self.literal()
+
+    # -- expressions: each returns (node, container line, col, end line, end col)
+    def expr(self) -> _Ex:
+        first = self.and_()
+        toks = self.toks
+        t = toks[self.i]
+        if t[0] != "w" or t[1] != "or":
+            return first
+        parts = [first]
+        while t[0] == "w" and t[1] == "or":
+            self.i += 1
+            parts.append(self.and_())
+            t = toks[self.i]
+        items: list[ast.Expr] = []
+        for p in parts:
+            if type(p[0]) is ast.Or:
+                items.extend(p[0].items)
+            else:
+                items.append(p[0])
+        last = parts[-1]
+        span = ast.Span(self.path, first[1], first[2], last[3], last[4])
+        return ast.Or(tuple(items), span), first[1], first[2], last[3], last[4]
+
+    def and_(self) -> _Ex:
+        first = self.not_()
+        toks = self.toks
+        t = toks[self.i]
+        if t[0] != "w" or t[1] != "and":
+            return first
+        parts = [first]
+        while t[0] == "w" and t[1] == "and":
+            self.i += 1
+            parts.append(self.not_())
+            t = toks[self.i]
+        items: list[ast.Expr] = []
+        for p in parts:
+            if type(p[0]) is ast.And:
+                items.extend(p[0].items)
+            else:
+                items.append(p[0])
+        last = parts[-1]
+        span = ast.Span(self.path, first[1], first[2], last[3], last[4])
+        return ast.And(tuple(items), span), first[1], first[2], last[3], last[4]
+
+    def not_(self) -> _Ex:
+        t = self.toks[self.i]
+        if t[0] == "w" and t[1] == "not":
+            self.i += 1
+            inner = self.not_()
+            span = ast.Span(self.path, t[2], t[3], inner[3], inner[4])
+            return ast.Not(inner[0], span), t[2], t[3], inner[3], inner[4]
+        return self.comparison()
+
+    def comparison(self) -> _Ex:
+        left = self.sum()
+        toks = self.toks
+        t = toks[self.i]
+        k = t[0]
+        if k == "cmp" or (k == "w" and t[1] in _COMPARE_WORDS):
+            op = t[1]
+            self.i += 1
+            right = self.sum()
+            r = right[0]
+            if op in ("matches", "like") and not (
+                isinstance(r, ast.Lit) and isinstance(r.value, str)
+            ):
+                raise _Bail
+            span = ast.Span(self.path, left[1], left[2], right[3], right[4])
+            node: ast.Expr = ast.Compare(op, left[0], r, span)  # type: ignore[arg-type]
+            return node, left[1], left[2], right[3], right[4]
+        if k != "w":
+            return left
+        if t[1] == "not":
+            self.i += 1
+            self.word(frozenset({"in"}))
+            right = self.sum()
+            span = ast.Span(self.path, left[1], left[2], right[3], right[4])
+            node = ast.Compare("not in", left[0], right[0], span)
+            return node, left[1], left[2], right[3], right[4]
+        if t[1] == "from":
+            self.i += 1
+            s = self.word(_SOURCES)
+            span = ast.Span(self.path, left[1], left[2], s[2], s[4])
+            node = ast.From(left[0], s[1], span)  # type: ignore[arg-type]
+            return node, left[1], left[2], s[2], s[4]
+        return left
+
+    def sum(self) -> _Ex:
+        first = self.atom()
+        toks = self.toks
+        if toks[self.i][0] != "+":
+            return first
+        parts = [first]
+        while toks[self.i][0] == "+":
+            self.i += 1
+            parts.append(self.atom())
+        items: list[ast.Expr] = []
+        for p in parts:
+            if type(p[0]) is ast.Concat:
+                items.extend(p[0].items)
+            else:
+                items.append(p[0])
+        last = parts[-1]
+        span = ast.Span(self.path, first[1], first[2], last[3], last[4])
+        return ast.Concat(tuple(items), span), first[1], first[2], last[3], last[4]
+
+    def atom(self) -> _Ex:
+        toks = self.toks
+        t = toks[self.i]
+        k = t[0]
+        line, col = t[2], t[3]
+        if k == "w":
+            w = t[1]
+            if w in _LITERAL_WORDS:
+                self.i += 1
+                return ast.Lit(_LITERAL_WORDS[w], self.span(t, t)), line, col, line, t[4]
+            if w in _ROOT_RESERVED:
+                raise _Bail
+            return self.path_expr()
+        if k == "s":
+            self.i += 1
+            return ast.Lit(unquote(t[1]), self.span(t, t)), line, col, line, t[4]
+        if k == "n":
+            self.i += 1
+            return ast.Lit(_number(t[1]), self.span(t, t)), line, col, line, t[4]
+        if k == "[":
+            items, close = self.list_items()
+            span = self.span(t, close)
+            return ast.ListExpr(tuple(items), span), line, col, close[2], close[4]
+        if k == "(":
+            self.i += 1
+            inner = self.expr()
+            close = self.expect(")")
+            return inner[0], line, col, close[2], close[4]
+        raise _Bail
+
+    def path_expr(self) -> _Ex:
+        toks = self.toks
+        root = toks[self.i]
+        self.i += 1
+        end = root
+        parts: list[str | int] = []
+        while True:
+            t = toks[self.i]
+            k = t[0]
+            if k == ".":
+                self.i += 1
+                end = self.word()
+                parts.append(end[1])
+            elif k == "[":
+                self.i += 1
+                x = toks[self.i]
+                if x[0] == "s":
+                    parts.append(unquote(x[1]))
+                elif x[0] == "n" and x[1].isdigit() and x[1].isascii():
+                    parts.append(int(x[1]))
+                else:
+                    raise _Bail
+                self.i += 1
+                end = self.expect("]")
+            else:
+                break
+        span = self.span(root, end)
+        name = root[1]
+        if name not in ast.ROOTS:
+            if parts:
+                raise _Bail
+            return ast.SetRef(name, span), root[2], root[3], end[2], end[4]
+        return ast.Path(name, tuple(parts), span), root[2], root[3], end[2], end[4]
