@@ -44,6 +44,7 @@ from bastion.adapters.wire import (
     Location,
     ResultView,
     StreamRewriter,
+    ToolSpecCache,
     Verdict,
     _Slot,
     dumps_compact,
@@ -194,6 +195,9 @@ def _chat_tool_spec(tool: Any) -> ToolSpec | None:
     )
 
 
+_CHAT_SPECS = ToolSpecCache(_chat_tool_spec)
+
+
 @dataclass
 class ChatResponse:
     """A parsed (non-streaming) chat completion with its tool calls."""
@@ -251,7 +255,12 @@ class OpenAIChatCodec:
         messages = data.get("messages")
         if not isinstance(messages, list):
             raise ProtocolError("'messages' must be a list", code="invalid_request")
-        tools = [spec for spec in map(_chat_tool_spec, data.get("tools") or []) if spec]
+        listed = data.get("tools")
+        tools = (
+            _CHAT_SPECS.specs(listed)
+            if isinstance(listed, list)
+            else [spec for spec in map(_chat_tool_spec, listed or []) if spec]
+        )
         for function in data.get("functions") or []:
             if isinstance(function, dict) and isinstance(function.get("name"), str):
                 tools.append(

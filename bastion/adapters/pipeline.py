@@ -54,9 +54,11 @@ from __future__ import annotations
 import fnmatch
 import functools
 import inspect
+import itertools
 import json
 import logging
 import re
+import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -488,6 +490,7 @@ class Guard:
             client=client,
             headers={k: v for k, v in headers if k not in _CREDENTIAL_HEADERS},
             protocol=route.protocol,
+            id=_request_id(),
         )
         exchange = Exchange(self, route, info, _ANONYMOUS)
         try:
@@ -531,6 +534,16 @@ class Guard:
 
 
 _MISS: Any = object()
+# Request ids: 64 random bits per process and a counter, as 32 hex digits like a
+# uuid4's (a uuid4 per request costs a system call for randomness).
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNTER = itertools.count(secrets.randbits(32))
+
+
+def _request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
 _ANONYMOUS = Identity.anonymous_identity()
 
 

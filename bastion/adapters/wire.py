@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from bastion.adapters.sse import SSEEvent, SSEParser
 from bastion.errors import ProtocolError
-from bastion.events import ToolCall, ToolResult
+from bastion.events import ToolCall, ToolResult, ToolSpec
 
 __all__ = [
     "DEFAULT_MAX_DEPTH",
@@ -51,6 +51,7 @@ __all__ = [
     "ResultView",
     "StreamRewriter",
     "StreamStep",
+    "ToolSpecCache",
     "Verdict",
     "anthropic_error",
     "can_decode",
@@ -112,6 +113,7 @@ def _reject_constant(name: str) -> Any:
     raise ProtocolError(f"{name} is not valid JSON", code="non_finite_number")
 
 
+_PAIRWISE_MAX = 2048
 _PAIRS_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
 
 
@@ -201,9 +203,13 @@ def loads_strict(data: bytes | str, *, max_depth: int = DEFAULT_MAX_DEPTH) -> An
     if text.startswith("\ufeff"):
         raise ProtocolError("JSON text must not start with a byte order mark", code="invalid_json")
     try:
-        # Fewer openers than the limit cannot nest deeper, and so few objects are
-        # cheapest checked pair by pair.
-        if raw.count(b"[") + raw.count(b"{") <= max_depth:
+        # A short text cannot nest deeper than half its length, and fewer openers
+        # than the limit cannot nest deeper either; so few objects are cheapest
+        # checked pair by pair. Longer texts go the C-speed way.
+        size = len(raw)
+        if size <= 2 * max_depth or (
+            size <= _PAIRWISE_MAX and raw.count(b"[") + raw.count(b"{") <= max_depth
+        ):
             value = _PAIRS_DECODER.decode(text)
         else:
             structure = _structure(raw)
@@ -285,6 +291,36 @@ class LazyArguments(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"LazyArguments({self._parsed()!r})"
+
+
+class ToolSpecCache:
+    """The specs of recently seen tools lists: an agent resends the same list every turn.
+
+    ``specs(tools)`` gives ``[build(t) for t in tools]`` without the Nones,
+    reusing the result for a list equal to one seen lately. Keys are private
+    copies, so a caller mutating its body later cannot alter them. Equal lists
+    have the same names and descriptions (strings compare exactly); numbers in
+    schemas compare by value (``1 == 1.0 == true``), and no decision reads a
+    schema's number types.
+    """
+
+    def __init__(self, build: Callable[[Any], ToolSpec | None], *, size: int = 32) -> None:
+        self._build = build
+        self._size = size
+        # Replaced, never mutated, so readers on other threads iterate safely.
+        self._recent: list[tuple[list[Any], tuple[ToolSpec, ...]]] = []
+
+    def specs(self, tools: list[Any]) -> list[ToolSpec]:
+        for seen, specs in self._recent:
+            if seen == tools:
+                return list(specs)
+        built = [spec for spec in map(self._build, tools) if spec is not None]
+        try:
+            key = json.loads(json.dumps(tools))
+        except (TypeError, ValueError):
+            return built
+        self._recent = [(key, tuple(built)), *self._recent[: self._size - 1]]
+        return built
 
 
 # ---------------------------------------------------------------- shared codec vocabulary
