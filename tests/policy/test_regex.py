@@ -231,16 +231,15 @@ def test_text_re2_cannot_encode_falls_back_to_the_python_engine() -> None:
 
 
 def test_dfa_state_cache_bound_keeps_answers_right() -> None:
-    # This pattern's DFA has thousands of states, more than the cache holds, so
-    # random text makes the cache flush again and again.
+    # This pattern's DFA has 65,537 states, more than the cache holds, so random
+    # text makes the cache flush again and again.
     rnd = random.Random(7)
-    text = "".join(rnd.choice("ab") for _ in range(12_000))
-    pattern = r"(a|b)*a(?:a|b){12}c"
+    text = "".join(rnd.choice("ab") for _ in range(24_000))
+    pattern = r"(a|b)*a(?:a|b){15}c"
     nfa, re2 = compile_regex(pattern, "nfa"), compile_regex(pattern, "re2")
     assert nfa.search(text) is re2.search(text) is False
-    assert nfa.search(text + "c") is re2.search(text + "c")
-    hit = text[:6000] + "a" + text[6000:6012] + "c" + text[6012:]
-    assert list(nfa.finditer(hit)) == list(re2.finditer(hit)) == [(0, 6014)]
+    hit = text[:12_000] + "a" + text[12_000:12_015] + "c" + text[12_015:]
+    assert list(nfa.finditer(hit)) == list(re2.finditer(hit)) == [(0, 12_017)]
 
 
 # ---- linear time ----------------------------------------------------------------
