@@ -196,6 +196,7 @@ def _chat_tool_spec(tool: Any) -> ToolSpec | None:
 
 
 _CHAT_SPECS = ToolSpecCache(_chat_tool_spec)
+_USER_ROLES = ("system", "developer", "user")
 
 
 @dataclass
@@ -276,8 +277,12 @@ class OpenAIChatCodec:
             if not isinstance(message, dict):
                 raise ProtocolError(f"messages[{i}] must be an object", code="invalid_request")
             role = message.get("role")
-            if role in ("system", "developer", "user"):
-                user_texts.extend(_text_of(message.get("content")))
+            if role in _USER_ROLES:
+                content = message.get("content")
+                if isinstance(content, str):
+                    user_texts.append(content)
+                else:
+                    user_texts.extend(_text_of(content))
             elif role == "assistant":
                 for call in message.get("tool_calls") or []:
                     if isinstance(call, dict) and isinstance(call.get("function"), dict):

@@ -739,6 +739,15 @@ class Exchange:
             self.identity, spec, result.arguments, result, self.context, request=self.info
         )
         content = result.content
+        if (
+            traced
+            and decision.effect is Effect.TRUSTED
+            and not decision.paths
+            and not decision.redact_patterns
+        ):
+            # The common case, in short: trusted as it stands (not audited, see above).
+            self._add_texts(result.name or "<untraced>", None, _plain_text(content))
+            return content, False, None
         changed = False
         detail: dict[str, Any] = {}
         field_paths = [(p, e) for p, e in decision.paths if e is not Effect.REDACT]
@@ -800,11 +809,23 @@ class Exchange:
 
     def _add_texts(self, source: str, untrusted: str | None, trusted: str | None) -> None:
         c = self.context
-        if untrusted is None and trusted is None:
+        if untrusted is None:
+            if not trusted:
+                return
+            self.context = Context(
+                c.tainted,
+                c.taint_sources,
+                c.session,
+                c.turn,
+                c.user_texts,
+                (*c.trusted_texts, trusted),
+                c.untrusted_texts,
+                c.attributes,
+            )
             return
         self.context = Context(
-            tainted=c.tainted or untrusted is not None,
-            taint_sources=c.taint_sources | {source} if untrusted is not None else c.taint_sources,
+            tainted=True,
+            taint_sources=c.taint_sources | {source},
             session=c.session,
             turn=c.turn,
             user_texts=c.user_texts,
@@ -1146,7 +1167,10 @@ class Exchange:
 
     async def response(self, status: int, headers: Headers) -> ResponseGuard:
         """Decide how to handle the upstream response (``headers`` lower-case names)."""
-        return ResponseGuard(self, status, headers)
+        checked = ResponseGuard(self, status, headers)
+        if checked.failed:
+            await checked.complete()  # audit the refusal now; complete() gives it again
+        return checked
 
 
 def _is_block(content: Any) -> bool:
@@ -1175,10 +1199,14 @@ class ResponseGuard:
         self.headers = headers
         self._media = ""
         self._fixed: Reply | None = None
+        # Constructing never audits (the sync transport builds this off the guard's
+        # loop): a setup failure is answered and audited by complete().
+        self._setup_error: BaseException | None = None
         try:
             self._setup(headers)
         except Exception as exc:
-            self._fail_setup(exc)
+            self._setup_error = exc
+            self.mode = "buffer"
 
     def _setup(self, headers: Headers) -> None:
         ex = self.exchange
@@ -1220,15 +1248,16 @@ class ResponseGuard:
             code="invalid_content_type",
         )
 
-    def _fail_setup(self, exc: BaseException) -> None:
-        self._fixed = self.exchange.error_reply(exc)
-        self.mode = "buffer"
+    @property
+    def failed(self) -> bool:
+        """The response cannot be checked: ``complete()`` answers with the error (buffer mode)."""
+        return self._setup_error is not None or self._fixed is not None
 
     # -- buffer mode
 
     def collect(self, chunk: bytes) -> None:
         """Add a body chunk (buffer mode). Over the size limit the reply becomes an error."""
-        if self._fixed is not None or not chunk:
+        if self._fixed is not None or self._setup_error is not None or not chunk:
             return
         self._size += len(chunk)
         if self._size > self.exchange.guard.max_response_size:
@@ -1243,6 +1272,9 @@ class ResponseGuard:
 
     async def complete(self) -> Reply:
         """The response to send (buffer mode). Never raises."""
+        if self._setup_error is not None:
+            exc, self._setup_error = self._setup_error, None
+            self._fixed = self.exchange.error_reply(exc)
         if self._fixed is not None:
             return self._fixed
         body = b"".join(self._buffer)

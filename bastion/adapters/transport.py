@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from bastion.adapters.pipeline import Guard, Reply, ResponseGuard
+from bastion.adapters.pipeline import Forward, Guard, Reply, ResponseGuard
 
 __all__ = ["AsyncBastionTransport", "BastionTransport"]
 
@@ -66,6 +66,32 @@ def _reply(lib: ModuleType, reply: Reply) -> Any:
 
 def _request_headers(request: Any) -> list[tuple[str, str]]:
     return [(k.lower(), v) for k, v in request.headers.multi_items()]
+
+
+def _forwarded(
+    lib: ModuleType, request: Any, headers: list[tuple[str, str]], outcome: Forward
+) -> Any:
+    """The request to send upstream: the agent's own when Bastion changed nothing in it."""
+    body = outcome.body
+    if body is request.content and _same_request(headers, outcome.headers, len(body)):
+        return request
+    return lib.Request(
+        request.method,
+        request.url,
+        headers=outcome.headers,
+        content=body,
+        extensions=request.extensions,
+    )
+
+
+def _same_request(sent: list[tuple[str, str]], forward: list[tuple[str, str]], size: int) -> bool:
+    # The guard forwards the agent's headers without hop-by-hop ones and with its own
+    # content-length; with the same body and such a content-length, nothing differs.
+    if ("content-length", str(size)) not in sent or len(sent) != len(forward):
+        return False
+    return all(
+        name not in ("transfer-encoding", "content-encoding") for name, _ in sent
+    ) and sorted(sent) == sorted(forward)
 
 
 def _response_headers(response: Any) -> list[tuple[str, str]]:
@@ -188,17 +214,11 @@ class AsyncBastionTransport(httpx.AsyncBaseTransport):
                 return _reply(lib, guard.deny_unrouted(request.method, path))
             return await inner.handle_async_request(request)
         body = await request.aread()
-        outcome = await guard.request(route, request.method, path, _request_headers(request), body)
+        headers = _request_headers(request)
+        outcome = await guard.request(route, request.method, path, headers, body)
         if isinstance(outcome, Reply):
             return _reply(lib, outcome)
-        forwarded = lib.Request(
-            request.method,
-            request.url,
-            headers=outcome.headers,
-            content=outcome.body,
-            extensions=request.extensions,
-        )
-        response = await inner.handle_async_request(forwarded)
+        response = await inner.handle_async_request(_forwarded(lib, request, headers, outcome))
         checked = await outcome.exchange.response(response.status_code, _response_headers(response))
         if checked.mode == "pass":
             return response
@@ -299,24 +319,20 @@ class BastionTransport(httpx.BaseTransport):
                 return _reply(lib, guard.deny_unrouted(request.method, path))
             return inner.handle_request(request)
         body = request.read()
-        outcome = run(guard.request(route, request.method, path, _request_headers(request), body))
+        headers = _request_headers(request)
+        outcome = run(guard.request(route, request.method, path, headers, body))
         if isinstance(outcome, Reply):
             return _reply(lib, outcome)
-        forwarded = lib.Request(
-            request.method,
-            request.url,
-            headers=outcome.headers,
-            content=outcome.body,
-            extensions=request.extensions,
-        )
-        response = inner.handle_request(forwarded)
-        checked = run(outcome.exchange.response(response.status_code, _response_headers(response)))
+        response = inner.handle_request(_forwarded(lib, request, headers, outcome))
+        # Built here, not on the loop: constructing it never audits (complete() does).
+        checked = ResponseGuard(outcome.exchange, response.status_code, _response_headers(response))
         if checked.mode == "pass":
             return response
         if checked.mode == "buffer":
             try:
-                for chunk in response.stream:
-                    checked.collect(chunk)
+                if not checked.failed:
+                    for chunk in response.stream:
+                        checked.collect(chunk)
             finally:
                 response.close()
             return _reply(lib, run(checked.complete()))

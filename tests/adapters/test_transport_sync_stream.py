@@ -74,3 +74,51 @@ def test_a_broken_sync_stream_ends_with_an_error_audited_on_the_guard_loop(
     assert error["error"]["code"] == "invalid_utf8"
     assert audit.errors() == ["invalid_utf8"]
     assert threads and set(threads) == {"bastion-guard-loop"}
+
+
+def test_an_uninspectable_upstream_reply_is_refused_and_audited_on_the_guard_loop(
+    serve: Any, make_guard: Any, agent: str, audit: AuditLog
+) -> None:
+    hook, threads = recording_threads(audit)
+    upstream = serving("/v1/chat/completions", b"plain words", media_type="text/plain")
+    transport = BastionTransport(
+        httpx.HTTPTransport(), guard=make_guard(identity=Identity(agent), on_decision=hook)
+    )
+    with serve(upstream) as url, httpx.Client(transport=transport) as http:
+        reply = http.post(f"{url}/v1/chat/completions", json={**USER, "stream": False})
+    assert reply.status_code == 502
+    assert reply.json()["error"]["code"] == "invalid_content_type"
+    assert audit.errors() == ["invalid_content_type"]
+    assert threads and set(threads) == {"bastion-guard-loop"}
+
+
+def test_a_rewritten_request_reaches_the_upstream_rewritten(
+    serve: Any, make_guard: Any, agent: str
+) -> None:
+    # A tool output the policy redacts: the forwarded body must be Bastion's, not the agent's.
+    body = {
+        "model": "gpt-test",
+        "messages": [
+            {"role": "user", "content": "debug"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "d1",
+                        "type": "function",
+                        "function": {"name": "debug_dump", "arguments": "{}"},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "d1", "content": "internal state"},
+        ],
+    }
+    app = serving("/v1/chat/completions", b'{"choices": []}', media_type="application/json")
+    transport = BastionTransport(httpx.HTTPTransport(), guard=make_guard(identity=Identity(agent)))
+    with serve(app) as url, httpx.Client(transport=transport) as http:
+        http.post(f"{url}/v1/chat/completions", json=body)
+        http.post(f"{url}/v1/chat/completions", json=USER)
+    rewritten, untouched = app.state.received
+    assert "internal state" not in json.dumps(rewritten)
+    assert untouched == USER
