@@ -209,10 +209,14 @@ class GuardResponder:
                 self.finished = True
                 await _send_reply(send, await response.complete())
         else:
-            out = await response.feed(chunk)
+            out = response.feed_sync(chunk) if response.feeds_sync else None
+            if out is None:
+                out = await (response.settle() if response.feeds_sync else response.feed(chunk))
             if not more or response.done:
                 out += await response.close()
                 self.finished = True
                 await send({"type": "http.response.body", "body": out, "more_body": False})
+            elif out is chunk:
+                await send(message)  # whole events that went through as they came
             elif out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})

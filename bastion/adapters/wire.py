@@ -757,6 +757,16 @@ class StreamRewriter:
         if self._closed:
             raise ProtocolError("stream already closed", code="stream_closed")
         data = self._tail + chunk if self._tail else chunk
+        if self._synced and not self._queue and b"\r" not in data:
+            # The common case in short: whole events that pass, then a partial one.
+            cut = data.rfind(b"\n\n") + 2
+            if 1 < cut <= self._max_event and len(data) - cut <= self._max_event:
+                head = data[:cut] if cut < len(data) else data
+                if self._passes(head):
+                    if not head.isascii():
+                        _check_utf8(head)
+                    self._tail = data[cut:]
+                    return StreamStep(head)
         self._tail = b""
         if self._lone_cr:
             self._parse(data)
@@ -789,12 +799,7 @@ class StreamRewriter:
             head = data[:cut] if cut < len(data) else data
             if not self._queue and cut <= self._max_event and self._passes(head):
                 if not head.isascii():
-                    try:
-                        head.decode("utf-8")
-                    except UnicodeDecodeError as exc:
-                        raise ProtocolError(
-                            "event stream is not valid UTF-8", code="invalid_utf8"
-                        ) from exc
+                    _check_utf8(head)
                 self._out.append(head)
             else:
                 self._parse(head)
@@ -928,4 +933,13 @@ class StreamRewriter:
 
 
 _NOTHING = StreamStep(b"")
+
+
+def _check_utf8(data: bytes) -> None:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("event stream is not valid UTF-8", code="invalid_utf8") from exc
+
+
 _PLACEHOLDER = CallView(ToolCall(id="", name="", arguments={}), raw_arguments="")
