@@ -84,7 +84,7 @@ UNKNOWN: Final = _Sentinel("UNKNOWN")
 EVALUATION_ERROR = "policy evaluation error"
 CANDIDATE_CACHE_SIZE = 4096
 IDENTITY_CACHE_SIZE = 4096
-PER_LIST_IDENTITY_CACHE = 256
+PER_LIST_IDENTITY_CACHE = 1024
 DECISION_CACHE_SIZE = 256
 
 
@@ -593,6 +593,8 @@ class CRule:
     residual: CondFn | None = None
     uses_unknown: bool = False  # reads args/destinations: partial evaluation needed
     by: Callable[..., Any] | None = None
+    residual_src: str | None = None  # the residual's expression, inlined by call deciders
+    hoisted_src: str | None = None  # the hoisted part's expression (reads only I)
 
     def holds(self, identity: Identity, a: Any, t: Any, c: Any, r: Any, x: Any) -> bool:
         if self.hoisted is not None and not self.hoisted(identity):
@@ -810,6 +812,9 @@ class _Gen:
         right = self.value(e.right, kind)
         if op == "==" and isinstance(e.right, ast.Lit) and isinstance(e.right.value, str):
             return f"({left} == {right})"
+        fast = self.fast_compare(op, e, left, right)
+        if fast is not None:
+            return fast
         fn = {
             "==": "_eq",
             "!=": "_ne",
@@ -825,6 +830,34 @@ class _Gen:
             "endswith": "_endswith",
         }[op]
         return f"{fn}({left}, {right})"
+
+    def fast_compare(self, op: str, e: ast.Compare, left: str, right: str) -> str | None:
+        """The common case of an operator against a literal, inline, else the operator function.
+
+        Each form tests the exact type its shortcut is valid for and falls back to
+        the operator function otherwise, so the result is always the function's.
+        """
+        lit = e.right.value if isinstance(e.right, ast.Lit) else None
+        rtype = type(lit)
+        # One temporary name serves every form: the other operand is always a
+        # literal, and a nested comparison inside the assigned operand is done
+        # before the assignment, so no form reads a value another one wrote.
+        v = "_v"
+        if op in ("<", "<=", ">", ">=") and rtype in (int, float):
+            fn = {"<": "_lt", "<=": "_le", ">": "_gt", ">=": "_ge"}[op]
+            return (
+                f"(({v} {op} {right}) if type({v} := {left}) is int or type({v}) is float"
+                f" else {fn}({v}, {right}))"
+            )
+        if op == "==" and rtype is int:
+            return f"(({v} == {right}) if type({v} := {left}) is int else _eq({v}, {right}))"
+        if op == "has" and rtype is str:
+            return f"(({right} in {v}) if type({v} := {left}) is tuple else _has({v}, {right}))"
+        if op in ("startswith", "endswith") and rtype is str:
+            return f"({v}.{op}({right}) if type({v} := {left}) is str else _{op}({v}, {right}))"
+        if op == "in" and isinstance(e.left, ast.Lit) and type(e.left.value) is str:
+            return f"(({left} in {v}) if type({v} := {right}) is tuple else _in({left}, {v}))"
+        return None
 
 
 def roots_of(e: ast.Expr) -> set[str]:
@@ -1167,9 +1200,9 @@ def _limit_key_value(v: Any) -> str:
 
 
 class CandidateList:
-    """The rules that may apply to one concrete name, in source order, with per-identity state."""
+    """The rules that may apply to one concrete name, in source order, and their decisions."""
 
-    __slots__ = ("active", "decide", "decisions", "needs_tool", "rules", "tool_view")
+    __slots__ = ("decide", "decisions", "needs_tool", "rules", "tool_view")
 
     def __init__(
         self,
@@ -1181,19 +1214,7 @@ class CandidateList:
         self.decide = decide
         self.tool_view = tool_view
         self.needs_tool = any(r.residual is not None for r in rules)
-        self.active: dict[int, tuple[Identity, tuple[tuple[CRule, CondFn | None], ...]]] = {}
         self.decisions: dict[tuple[int, ...], Decision] = {}
-
-    def activate(
-        self, identity: Identity, hoisted: Callable[[CRule, Identity], bool]
-    ) -> tuple[tuple[CRule, CondFn | None], ...]:
-        act = tuple(
-            (r, r.residual) for r in self.rules if r.hoisted is None or hoisted(r, identity)
-        )
-        if len(self.active) >= PER_LIST_IDENTITY_CACHE:
-            self.active.clear()
-        self.active[id(identity)] = (identity, act)
-        return act
 
     def decision(self, key: tuple[int, ...], by_index: Callable[[int], CRule]) -> Decision:
         d = self.decisions.get(key)
@@ -1205,7 +1226,7 @@ class CandidateList:
         return d
 
 
-def _memo_put(memo: dict[str, CandidateList], name: str, cl: CandidateList) -> None:
+def _memo_put(memo: dict[str, Any], name: str, cl: Any) -> None:
     # A plain dict evicting its oldest entry: cachetools' LRUCache costs about
     # 0.3 us per lookup, a fifth of a whole decision.
     if len(memo) >= CANDIDATE_CACHE_SIZE:
@@ -1214,6 +1235,90 @@ def _memo_put(memo: dict[str, CandidateList], name: str, cl: CandidateList) -> N
         except (RuntimeError, StopIteration, KeyError):  # another thread got there first
             memo.clear()
     memo[name] = cl
+
+
+# ---- call deciders -----------------------------------------------------------------
+#
+# The hot path. For each tool name, one function generated from the candidate
+# list: each candidate is a bit; the bits of the candidates active for this
+# identity (hoisted identity conditions) come from a per-identity cache; the
+# residual conditions are inlined (no call per rule); the bitmask of the rules
+# that hold picks the decision from a table. Every candidate is still
+# evaluated, because a Decision names every matching rule (winners, overridden
+# and shadow hits), and the bits are in source order, so the table builds
+# exactly the Decision the explain path builds.
+
+CallDecider = Callable[..., Decision]
+"""``decider(identity, args, context, request[, tool_view]) -> Decision``."""
+
+
+def _call_decider(cp: CompiledPolicy, cl: CandidateList) -> CallDecider:
+    rules = cl.rules
+    bits = {r.index: 1 << n for n, r in enumerate(rules)}
+    always = 0  # active whatever the identity
+    no_residual = 0  # hold whenever active
+    hoisted: list[tuple[int, CRule]] = []
+    for r in rules:
+        bit = bits[r.index]
+        if r.hoisted is None:
+            always |= bit
+        else:
+            hoisted.append((bit, r))
+        if r.residual is None:
+            no_residual |= bit
+    table: dict[int, Decision] = {}
+    by_index = cp.by_index
+
+    def make(m: int) -> Decision:
+        d = cl.decision(tuple(r.index for r in rules if m & bits[r.index]), by_index)
+        if len(table) >= DECISION_CACHE_SIZE:
+            table.clear()
+        table[m] = d
+        return d
+
+    env: dict[str, Any] = {"_tget": table.get, "_mk": make, "_T": cl.tool_view}
+    head: list[str] = []
+    lines = ["def _decide(I, A, C, R, T=_T, X=None, _tget=_tget, _mk=_mk):"]
+    if hoisted:
+        active: dict[int, tuple[Identity, int]] = {}
+
+        def remember(identity: Identity, a: int) -> None:
+            if len(active) >= PER_LIST_IDENTITY_CACHE:
+                try:  # evict the oldest entry only: no cliff when identities outnumber the cache
+                    del active[next(iter(active))]
+                except (RuntimeError, StopIteration, KeyError):  # another thread got there first
+                    active.clear()
+            active[id(identity)] = (identity, a)
+
+        # The miss path is a function of its own, so the hit path's bytecode stays short.
+        head += ["def _act(I, _put=_put):", f"    a = {always}"]
+        for bit, r in hoisted:
+            head.append(f"    if {r.hoisted_src}:")
+            head.append(f"        a |= {bit}")
+        head += ["    _put(I, a)", "    return a"]
+        env["_get"] = active.get
+        env["_put"] = remember
+        lines[0] = lines[0][:-2] + ", _get=_get, _act=_act):"
+        lines.append("    e = _get(id(I))")
+        lines.append("    a = e[1] if e is not None and e[0] is I else _act(I)")
+        lines.append(f"    m = a & {no_residual}")
+    else:
+        lines.append(f"    m = {always & no_residual}")
+    for r in rules:
+        if r.residual_src is None:
+            continue
+        bit = bits[r.index]
+        test = f"({r.residual_src})"
+        if r.hoisted is not None:
+            test = f"a & {bit} and {test}"
+        lines.append(f"    if {test}:")
+        lines.append(f"        m |= {bit}")
+    lines.append("    d = _tget(m)")
+    lines.append("    return _mk(m) if d is None else d")
+    code = compile("\n".join(head + lines) + "\n", "<bastion-call-decider>", "exec")
+    exec(code, cp.namespace, env)
+    fn: CallDecider = env["_decide"]
+    return fn
 
 
 # ---- the compiled policy -----------------------------------------------------------
@@ -1234,6 +1339,9 @@ class CompiledPolicy:
     identity_cache: dict[int, tuple[Identity, dict[int, bool]]] = field(default_factory=dict)
     walker: Walker = field(init=False)
     tool_views: dict[str, dict[str, Any]] = field(default_factory=dict)
+    namespace: dict[str, Any] = field(default_factory=dict)
+    # Tool name -> its call decider (see call_decider); the fast path of decide_call.
+    call_deciders: dict[str, CallDecider] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.walker = Walker(self.sets)
@@ -1271,6 +1379,14 @@ class CompiledPolicy:
             cl = self._build_list(kind, name)
             _memo_put(memo, name, cl)
         return cl
+
+    def call_decider(self, name: str) -> CallDecider:
+        """The memoized call decider for one tool name (built on first use)."""
+        fn = self.call_deciders.get(name)
+        if fn is None:
+            fn = _call_decider(self, self.candidates("call", name))
+            _memo_put(self.call_deciders, name, fn)
+        return fn
 
     def _build_list(self, kind: str, name: str) -> CandidateList:
         if kind == "call":
@@ -1607,6 +1723,7 @@ def compile_policy(files: Sequence[ast.PolicyFile], schema: Schema | None = None
         indexes=indexes,
         context_rules=tuple(context_rules),
         warnings=tuple(warnings),
+        namespace=namespace,
     )
 
 
@@ -1639,8 +1756,14 @@ def _compile_condition(
         (hoist if roots <= {"identity"} else rest).append(item)
         if roots & {"args", "destinations"}:
             cr.uses_unknown = True
-    h = gen.function("I", " and ".join(gen.cond(e, cr.kind) for e in hoist)) if hoist else None
-    r = gen.function(_PARAMS, " and ".join(gen.cond(e, cr.kind) for e in rest)) if rest else None
+    h = None
+    if hoist:
+        cr.hoisted_src = " and ".join(gen.cond(e, cr.kind) for e in hoist)
+        h = gen.function("I", cr.hoisted_src)
+    r = None
+    if rest:
+        cr.residual_src = " and ".join(gen.cond(e, cr.kind) for e in rest)
+        r = gen.function(_PARAMS, cr.residual_src)
     return h, r, by_name
 
 

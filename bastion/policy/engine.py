@@ -291,26 +291,13 @@ class Policy:
                 args = _NO_ARGS
             if explain:
                 return self._explain_call(cp, identity, tool, args, context, request)
-            if isinstance(tool, str):
-                cl = cp.memo["call"].get(tool) or cp.candidates("call", tool)
-                t = cl.tool_view
-            else:
-                cl = cp.candidates("call", tool.name)
-                t = cp.tool_view_for(tool) if cl.needs_tool else cl.tool_view
-            entry = cl.active.get(id(identity))
-            if entry is not None and entry[0] is identity:
-                active = entry[1]
-            else:
-                active = cl.activate(identity, cp.hoisted)
-            matched = []
-            for r, fn in active:
-                if fn is None or fn(identity, args, t, context, request, None):
-                    matched.append(r.index)
-            key = tuple(matched)
-            d = cl.decisions.get(key)
-            if d is None:
-                d = cl.decision(key, cp.by_index)
-            return d
+            if type(tool) is str:
+                fn = cp.call_deciders.get(tool) or cp.call_decider(tool)
+                return fn(identity, args, context, request)
+            name = _name(tool)
+            if isinstance(tool, str) or not cp.candidates("call", name).needs_tool:
+                return cp.call_decider(name)(identity, args, context, request)
+            return cp.call_decider(name)(identity, args, context, request, cp.tool_view_for(tool))
         except Exception:
             log.exception("policy evaluation failed for call %s; forbidding", _label(tool))
             return fail_closed(EventKind.CALL)
