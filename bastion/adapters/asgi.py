@@ -176,6 +176,26 @@ class GuardResponder:
         if self.finished:
             return
         kind = message["type"]
+        response = self.response
+        if (
+            response is not None
+            and response.feeds_sync
+            and kind == "http.response.body"
+            and message.get("more_body", False)
+        ):
+            # A stream's body chunk: the path every chunk of an LLM stream takes.
+            chunk = message.get("body", b"")
+            out = response.feed_sync(chunk)
+            if out is None:
+                out = await response.settle()
+            if response.done:
+                self.finished = True
+                await send({"type": "http.response.body", "body": out, "more_body": False})
+            elif out is chunk:
+                await send(message)  # whole events that went through as they came
+            elif out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+            return
         if kind == "http.response.start":
             headers = _decode_headers(message.get("headers", []))
             assert self.exchange is not None

@@ -1207,6 +1207,8 @@ class ResponseGuard:
         except Exception as exc:
             self._setup_error = exc
             self.mode = "buffer"
+        # Stream mode for an LLM route: feed_sync() may be used instead of feed().
+        self.feeds_sync = self._rewriter is not None and self._setup_error is None
 
     def _setup(self, headers: Headers) -> None:
         ex = self.exchange
@@ -1333,11 +1335,6 @@ class ResponseGuard:
         except Exception as exc:
             return self._abort(exc)
 
-    @property
-    def feeds_sync(self) -> bool:
-        """Stream mode for an LLM route: :meth:`feed_sync` may be used instead of :meth:`feed`."""
-        return self._rewriter is not None
-
     def feed_sync(self, chunk: bytes) -> bytes | None:
         """:meth:`feed` without an event loop, for LLM streams (:attr:`feeds_sync`).
 
@@ -1347,11 +1344,16 @@ class ResponseGuard:
         """
         if self.done:
             return b""
-        assert self._rewriter is not None
+        rewriter = self._rewriter
+        assert rewriter is not None
         try:
             if self._decoder is not None:
                 chunk = self._decoder.feed(chunk)
-            step = self._rewriter.feed(chunk)
+            else:
+                through = rewriter.feed_through(chunk)
+                if through is not None:
+                    return through
+            step = rewriter.feed(chunk)
         except Exception as exc:
             self._unsettled = exc
             return None

@@ -752,21 +752,36 @@ class StreamRewriter:
 
     # -- public surface
 
+    def feed_through(self, chunk: bytes) -> bytes | None:
+        """:meth:`feed` in short for the common chunk, or None (then nothing was consumed).
+
+        The common chunk completes whole events that cannot concern a tool call
+        while nothing is held: their bytes are returned, to send as they came.
+        """
+        if self._closed or not self._synced or self._queue:
+            return None
+        data = self._tail + chunk if self._tail else chunk
+        if b"\r" in data:
+            return None
+        cut = data.rfind(b"\n\n") + 2
+        if cut < 2 or cut > self._max_event or len(data) - cut > self._max_event:
+            return None
+        head = data[:cut] if cut < len(data) else data
+        if not self._passes(head):
+            return None
+        if not head.isascii():
+            _check_utf8(head)
+        self._tail = data[cut:]
+        return head
+
     def feed(self, chunk: bytes) -> StreamStep:
         """Parse ``chunk``; return what may be sent now and the calls now complete."""
+        through = self.feed_through(chunk)
+        if through is not None:
+            return StreamStep(through)
         if self._closed:
             raise ProtocolError("stream already closed", code="stream_closed")
         data = self._tail + chunk if self._tail else chunk
-        if self._synced and not self._queue and b"\r" not in data:
-            # The common case in short: whole events that pass, then a partial one.
-            cut = data.rfind(b"\n\n") + 2
-            if 1 < cut <= self._max_event and len(data) - cut <= self._max_event:
-                head = data[:cut] if cut < len(data) else data
-                if self._passes(head):
-                    if not head.isascii():
-                        _check_utf8(head)
-                    self._tail = data[cut:]
-                    return StreamStep(head)
         self._tail = b""
         if self._lone_cr:
             self._parse(data)
