@@ -1019,11 +1019,15 @@ class Exchange:
         # Visibility of the offered tools.
         if req.tools:
             keep = []
+            decide, context, info, show = (
+                guard.policy.decide_visibility,
+                self.context,
+                self.info,
+                Effect.SHOW,
+            )
             for spec in req.tools:
-                decision = guard.policy.decide_visibility(
-                    identity, spec, self.context, request=self.info
-                )
-                if decision.effect is Effect.SHOW:
+                decision = decide(identity, spec, context, request=info)
+                if decision.effect is show:
                     keep.append(spec.name)
                 else:
                     guard.audit(self.event(decision, spec.name))
