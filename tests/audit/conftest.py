@@ -132,8 +132,10 @@ class SlowSink:
         self.inner = inner
         self.delay = delay
         self.release = threading.Event()
+        self.entered = threading.Event()
 
     def write(self, records: Sequence[Mapping[str, Any]]) -> None:
+        self.entered.set()
         self.release.wait(self.delay)
         self.inner.write(records)
 

@@ -110,13 +110,15 @@ def test_drop_mode_keeps_accepting_and_counts_every_dropped_record(
 def test_fail_closed_raises_when_the_queue_is_full(tmp_path: Path) -> None:
     slow = SlowSink(JsonlSink(tmp_path / "audit.jsonl"), delay=10.0)
     trail = AuditTrail([slow], queue_size=20, on_overflow="fail_closed")
-    accepted = 0
+    trail.on_decision(event(Effect.ALLOW))
+    assert slow.entered.wait(5)
+    accepted = 1
     with pytest.raises(AuditError, match="queue is full"):
         for _ in range(1000):
             trail.on_decision(event(Effect.ALLOW))
             accepted += 1
     assert not trail.healthy
-    assert 20 <= accepted <= 21
+    assert accepted == 21
     slow.release.set()
     trail.close()
     assert len(all_records(tmp_path / "audit.jsonl")) == accepted
@@ -125,13 +127,16 @@ def test_fail_closed_raises_when_the_queue_is_full(tmp_path: Path) -> None:
 def test_drop_mode_counts_decisions_that_found_the_queue_full(tmp_path: Path) -> None:
     slow = SlowSink(JsonlSink(tmp_path / "audit.jsonl"), delay=10.0)
     trail = AuditTrail([slow], queue_size=20, on_overflow="drop")
-    for _ in range(100):
+    # One record in the writer's hands first, so exactly the queue's 20 wait behind it.
+    trail.on_decision(event(Effect.ALLOW))
+    assert slow.entered.wait(5)
+    for _ in range(99):
         trail.on_decision(event(Effect.ALLOW))
     slow.release.set()
     trail.close()
     written = len(all_records(tmp_path / "audit.jsonl"))
-    assert written + trail.dropped == 100
-    assert trail.dropped >= 79
+    assert written == 21
+    assert trail.dropped == 79
 
 
 def test_fail_closed_recovers_when_the_sink_does_and_loses_nothing(tmp_path: Path) -> None:
