@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -388,11 +389,13 @@ async def bench_stream(policy: Policy, base_url: str, reads: int, repeats: int) 
             bare_url = f"{base_url}/bare/{label}/v1/chat/completions"
             guarded_url = f"{base_url}/guarded/{label}/v1/chat/completions"
             paths: dict[str, Callable[[], Awaitable[tuple[float, int]]]] = {
-                "bare": lambda u=bare_url: read_async(plain, u),
-                "middleware": lambda u=guarded_url: read_async(plain, u),
-                "transport": lambda u=bare_url: read_async(guarded, u),
-                "sync_bare": lambda u=bare_url: asyncio.to_thread(read_sync, sync_plain, u),
-                "sync_transport": lambda u=bare_url: asyncio.to_thread(read_sync, sync_guarded, u),
+                "bare": functools.partial(read_async, plain, bare_url),
+                "middleware": functools.partial(read_async, plain, guarded_url),
+                "transport": functools.partial(read_async, guarded, bare_url),
+                "sync_bare": functools.partial(asyncio.to_thread, read_sync, sync_plain, bare_url),
+                "sync_transport": functools.partial(
+                    asyncio.to_thread, read_sync, sync_guarded, bare_url
+                ),
             }
             for fn in paths.values():
                 await fn()  # warm-up, and a check that every path streams the whole body
@@ -451,7 +454,8 @@ async def main_async(quick: bool) -> dict[str, Any]:
     inprocess = median_of(
         [await bench_stream_inprocess(policy, 3 if quick else 10) for _ in range(repeats)]
     )
-    import h11
+    from importlib.metadata import version
+
     import uvicorn
 
     return {
@@ -463,7 +467,7 @@ async def main_async(quick: bool) -> dict[str, Any]:
             "transport_throughput_ratio": loopback["chunked"]["transport"]["ratio"],
             "loopback": loopback,
             "inprocess_no_io": inprocess,
-            "server": f"uvicorn {uvicorn.__version__} (h11 {h11.__version__}), httpx {httpx.__version__}",
+            "server": f"uvicorn {uvicorn.__version__} (h11 {version('h11')}), httpx {httpx.__version__}",
         },
         "request": {"tools": 20, "messages": 50, "bytes": len(body)},
         "stream_bytes": len(sse_body()),
