@@ -35,6 +35,7 @@ from bastion.adapters.wire import (
     Location,
     ResultView,
     StreamRewriter,
+    ToolSpecCache,
     Verdict,
     _Slot,
     dumps_compact,
@@ -146,6 +147,21 @@ class MessagesResponse:
         return dumps_compact(self.body)
 
 
+def _tool_spec(tool: Any) -> ToolSpec | None:
+    if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+        return None
+    schema = tool.get("input_schema")
+    description = tool.get("description")
+    return ToolSpec.named(
+        tool["name"],
+        description=description if isinstance(description, str) else "",
+        input_schema=schema if isinstance(schema, dict) else {},
+    )
+
+
+_SPECS = ToolSpecCache(_tool_spec)
+
+
 class AnthropicCodec:
     """Codec for ``POST /v1/messages``."""
 
@@ -161,18 +177,12 @@ class AnthropicCodec:
         messages = data.get("messages")
         if not isinstance(messages, list):
             raise ProtocolError("'messages' must be a list", code="invalid_request")
-        tools: list[ToolSpec] = []
-        for tool in data.get("tools") or []:
-            if isinstance(tool, dict) and isinstance(tool.get("name"), str):
-                schema = tool.get("input_schema")
-                description = tool.get("description")
-                tools.append(
-                    ToolSpec.named(
-                        tool["name"],
-                        description=description if isinstance(description, str) else "",
-                        input_schema=schema if isinstance(schema, dict) else {},
-                    )
-                )
+        listed = data.get("tools")
+        tools = (
+            _SPECS.specs(listed)
+            if isinstance(listed, list)
+            else [spec for spec in map(_tool_spec, listed or []) if spec]
+        )
         user_texts = _texts(data.get("system"))
         produced: dict[str, tuple[str, dict[str, Any]]] = {}
         results: list[ResultView] = []

@@ -726,6 +726,22 @@ def _responses_call_view(item: dict[str, Any], position: tuple[int, ...]) -> Cal
     return _call_view(str(item.get("call_id") or ""), str(item.get("name") or ""), raw, position)
 
 
+def _responses_tool_spec(tool: Any) -> ToolSpec | None:
+    name = _responses_tool_name(tool)
+    if name is None:
+        return None
+    description = tool.get("description")
+    parameters = tool.get("parameters")
+    return ToolSpec.named(
+        name,
+        description=description if isinstance(description, str) else "",
+        input_schema=parameters if isinstance(parameters, dict) else {},
+    )
+
+
+_RESPONSES_SPECS = ToolSpecCache(_responses_tool_spec)
+
+
 class OpenAIResponsesCodec:
     """Codec for ``POST /v1/responses``."""
 
@@ -735,20 +751,12 @@ class OpenAIResponsesCodec:
     @staticmethod
     def parse_request(body: bytes | Mapping[str, Any]) -> ResponsesRequest:
         data = _object(body, "responses request")
-        tools: list[ToolSpec] = []
-        for tool in data.get("tools") or []:
-            name = _responses_tool_name(tool)
-            if name is None:
-                continue
-            description = tool.get("description")
-            parameters = tool.get("parameters")
-            tools.append(
-                ToolSpec.named(
-                    name,
-                    description=description if isinstance(description, str) else "",
-                    input_schema=parameters if isinstance(parameters, dict) else {},
-                )
-            )
+        listed = data.get("tools")
+        tools = (
+            _RESPONSES_SPECS.specs(listed)
+            if isinstance(listed, list)
+            else [spec for spec in map(_responses_tool_spec, listed or []) if spec]
+        )
         user_texts: list[str] = []
         if isinstance(data.get("instructions"), str):
             user_texts.append(data["instructions"])

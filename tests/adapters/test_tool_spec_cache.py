@@ -6,7 +6,8 @@ import copy
 import json
 from typing import Any
 
-from bastion.adapters.openai import OpenAIChatCodec
+from bastion.adapters.anthropic import AnthropicCodec
+from bastion.adapters.openai import OpenAIChatCodec, OpenAIResponsesCodec
 
 
 def body(tools: list[dict[str, Any]]) -> bytes:
@@ -59,3 +60,23 @@ def test_a_legacy_functions_entry_does_not_leak_into_a_later_request() -> None:
     data["functions"] = [{"name": "legacy"}]
     assert [s.name for s in OpenAIChatCodec.parse_request(data).tools] == ["x", "legacy"]
     assert specs(tools) == [("x", "", None)]
+
+
+def test_anthropic_and_responses_tools_lists_are_reused_and_never_stale() -> None:
+    def anthropic(description: str) -> list[str]:
+        tools = [{"name": "send", "description": description, "input_schema": {}}]
+        body = {"model": "m", "max_tokens": 5, "messages": [], "tools": tools}
+        return [
+            t.description for t in AnthropicCodec.parse_request(json.dumps(body).encode()).tools
+        ]
+
+    def responses(description: str) -> list[str]:
+        tools = [{"type": "function", "name": "send", "description": description}]
+        body = {"model": "m", "input": "hi", "tools": tools}
+        parsed = OpenAIResponsesCodec.parse_request(json.dumps(body).encode())
+        return [t.description for t in parsed.tools]
+
+    for parse in (anthropic, responses):
+        assert parse("one") == ["one"]
+        assert parse("one") == ["one"]
+        assert parse("two") == ["two"]
