@@ -183,7 +183,8 @@ class GuardResponder:
             and kind == "http.response.body"
             and message.get("more_body", False)
         ):
-            # A stream's body chunk: the path every chunk of an LLM stream takes.
+            # Every chunk but the last of an LLM stream: the hot path, kept short (no
+            # coroutine unless a call needs deciding); the last one goes the long way.
             chunk = message.get("body", b"")
             out = response.feed_sync(chunk)
             if out is None:
@@ -229,14 +230,10 @@ class GuardResponder:
                 self.finished = True
                 await _send_reply(send, await response.complete())
         else:
-            out = response.feed_sync(chunk) if response.feeds_sync else None
-            if out is None:
-                out = await (response.settle() if response.feeds_sync else response.feed(chunk))
+            out = await response.feed(chunk)
             if not more or response.done:
                 out += await response.close()
                 self.finished = True
                 await send({"type": "http.response.body", "body": out, "more_body": False})
-            elif out is chunk:
-                await send(message)  # whole events that went through as they came
             elif out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
