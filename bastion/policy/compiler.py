@@ -86,6 +86,7 @@ CANDIDATE_CACHE_SIZE = 4096
 IDENTITY_CACHE_SIZE = 4096
 PER_LIST_IDENTITY_CACHE = 1024
 DECISION_CACHE_SIZE = 256
+SPEC_VIEW_CACHE_SIZE = 2048
 
 
 # ---- globs -------------------------------------------------------------------
@@ -1339,6 +1340,9 @@ class CompiledPolicy:
     identity_cache: dict[int, tuple[Identity, dict[int, bool]]] = field(default_factory=dict)
     walker: Walker = field(init=False)
     tool_views: dict[str, dict[str, Any]] = field(default_factory=dict)
+    spec_views: dict[int, tuple[ToolSpec, dict[str, Any], dict[str, Any]]] = field(
+        default_factory=dict
+    )
     namespace: dict[str, Any] = field(default_factory=dict)
     # Tool name -> its call decider (see call_decider); the fast path of decide_call.
     call_deciders: dict[str, CallDecider] = field(default_factory=dict)
@@ -1426,7 +1430,22 @@ class CompiledPolicy:
                     self.tool_views.clear()
                 self.tool_views[tool] = v
             return v
-        return tool_view(tool, self.schema)
+        # Adapters hand out the same ToolSpec objects request after request, so
+        # views are kept per object. The entry holds the spec (its id cannot be
+        # reused while cached) and a copy of its annotations: the one part of a
+        # frozen spec that a caller could still change in place.
+        e = self.spec_views.get(id(tool))
+        if e is not None and e[0] is tool and e[1] == tool.annotations:
+            return e[2]
+        v = tool_view(tool, self.schema)
+        spec_views = self.spec_views
+        if len(spec_views) >= SPEC_VIEW_CACHE_SIZE:
+            try:  # evict the oldest entry only
+                del spec_views[next(iter(spec_views))]
+            except (RuntimeError, StopIteration, KeyError):  # another thread got there first
+                spec_views.clear()
+        spec_views[id(tool)] = (tool, dict(tool.annotations), v)
+        return v
 
     # -- decision builders (shared by the fast path and explain)
     def decide_call_from(self, matched: Sequence[CRule]) -> Decision:
