@@ -162,11 +162,39 @@ def _tool_spec(tool: Any) -> ToolSpec | None:
 _SPECS = ToolSpecCache(_tool_spec)
 
 
+_USAGE_KINDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+
+
 class AnthropicCodec:
     """Codec for ``POST /v1/messages``."""
 
     protocol = "anthropic"
     path = "/v1/messages"
+
+    @staticmethod
+    def usage_of(payload: Mapping[str, Any]) -> dict[str, int] | None:
+        """Tokens a message or a stream event reports, per kind (input, output, cache).
+
+        ``message_start`` carries the message's usage, ``message_delta`` the
+        running totals: merge events by the largest count per kind.
+        """
+        message = payload.get("message")
+        usage = message.get("usage") if isinstance(message, dict) else payload.get("usage")
+        if not isinstance(usage, dict):
+            return None
+        found = {
+            kind: value
+            for kind in _USAGE_KINDS
+            if isinstance(value := usage.get(kind), int)
+            and not isinstance(value, bool)
+            and value >= 0
+        }
+        return found or None
 
     @staticmethod
     def parse_request(body: bytes | Mapping[str, Any]) -> MessagesRequest:

@@ -247,11 +247,32 @@ def _call_view(call_id: str, name: str, raw: Any, position: tuple[int, ...]) -> 
     return CallView(ToolCall(call_id, name, arguments), raw, error, position)
 
 
+def _total_tokens(usage: Any, parts: tuple[str, str]) -> dict[str, int] | None:
+    if not isinstance(usage, dict):
+        return None
+    total = _count(usage.get("total_tokens"))
+    if total is not None:
+        return {"total": total}
+    counts = [c for c in (_count(usage.get(p)) for p in parts) if c is not None]
+    return {"total": sum(counts)} if counts else None
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
 class OpenAIChatCodec:
     """Codec for ``POST /v1/chat/completions``."""
 
     protocol = "openai"
     path = "/v1/chat/completions"
+
+    @staticmethod
+    def usage_of(payload: Mapping[str, Any]) -> dict[str, int] | None:
+        """Tokens a completion or a stream chunk reports (``usage``), as ``{"total": n}``."""
+        return _total_tokens(payload.get("usage"), ("prompt_tokens", "completion_tokens"))
 
     @staticmethod
     def parse_request(body: bytes | Mapping[str, Any]) -> ChatRequest:
@@ -747,6 +768,13 @@ class OpenAIResponsesCodec:
 
     protocol = "openai-responses"
     path = "/v1/responses"
+
+    @staticmethod
+    def usage_of(payload: Mapping[str, Any]) -> dict[str, int] | None:
+        """Tokens a response or a stream event (``response.completed``...) reports, as ``{"total": n}``."""
+        response = payload.get("response")
+        usage = response.get("usage") if isinstance(response, dict) else payload.get("usage")
+        return _total_tokens(usage, ("input_tokens", "output_tokens"))
 
     @staticmethod
     def parse_request(body: bytes | Mapping[str, Any]) -> ResponsesRequest:

@@ -51,6 +51,7 @@ every turn; auditing them would repeat the same non-events each request).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import inspect
@@ -59,6 +60,8 @@ import json
 import logging
 import re
 import secrets
+import threading
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -73,7 +76,7 @@ from bastion.adapters.mcp import (
     MCPPost,
 )
 from bastion.adapters.openai import OpenAIChatCodec, OpenAIResponsesCodec
-from bastion.adapters.sse import SSEEvent, encode_event
+from bastion.adapters.sse import SSEEvent, SSEParser, encode_event
 from bastion.adapters.wire import (
     BodyDecoder,
     CallView,
@@ -115,6 +118,7 @@ __all__ = [
     "Reply",
     "ResponseGuard",
     "Route",
+    "ToolCatalog",
 ]
 
 log = logging.getLogger("bastion.adapters")
@@ -139,6 +143,8 @@ _CODECS: dict[str, Any] = {
 _CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "cookie", "proxy-authorization"})
 _HOP_HEADERS = frozenset({"content-length", "content-encoding", "transfer-encoding"})
 _POLICY_DENIED = "policy_denied"
+# Effects that stop or hold something: their audit records carry the decision trace.
+_DENIALS = frozenset({Effect.FORBID, Effect.ASK, Effect.HIDE, Effect.BLOCK})
 
 
 class PolicyEngine(Protocol):
@@ -331,6 +337,105 @@ def _select(doc: Any, parts: tuple[str | int, ...]) -> list[tuple[Any, str | int
     return []
 
 
+# ---------------------------------------------------------------- the tool catalog
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    """One advertised tool: its spec (qualified name, server, annotations) and who listed it."""
+
+    spec: ToolSpec
+    advertised_by: str
+    expires: float
+
+
+class ToolCatalog:
+    """Tool definitions MCP ``tools/list`` replies carried through one :class:`Guard`.
+
+    Keyed by qualified tool name (``server__tool``, as the policy sees it), each
+    entry keeps the spec with its MCP annotations and the route that advertised
+    it (``/mcp/github``, ``/mcp``). Entries live ``ttl`` seconds after the latest
+    listing that carried them; past ``max_size`` the oldest listed go first.
+
+    The model side looks tools up here by name: an LLM request's ``tools`` are
+    plain function definitions, so ``tool.readOnlyHint`` and the other
+    annotations come from what the MCP server said about the tool of the same
+    name. Annotations are hints from that server, trusted only as much as it:
+    a server that calls a write tool read-only is believed. Declare them in a
+    schema (``bastion check --schema``) for servers you do not control; the
+    schema's declaration wins over the server's.
+    """
+
+    def __init__(self, *, max_size: int = 10_000, ttl: float = 3600.0) -> None:
+        self.max_size = max_size
+        self.ttl = ttl
+        self._entries: dict[str, CatalogEntry] = {}
+        self._enriched: dict[str, tuple[ToolSpec, ToolSpec, ToolSpec]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def remember(self, specs: Iterable[ToolSpec], advertised_by: str) -> None:
+        """Record (or refresh) the listed tools, by their qualified names."""
+        expires = time.monotonic() + self.ttl
+        with self._lock:
+            entries = self._entries
+            for spec in specs:
+                entries.pop(spec.name, None)  # re-inserted last: the newest listing
+                entries[spec.name] = CatalogEntry(spec, advertised_by, expires)
+            while len(entries) > self.max_size:
+                del entries[next(iter(entries))]
+            if len(self._enriched) > self.max_size:
+                self._enriched.clear()
+
+    def entry(self, name: str) -> CatalogEntry | None:
+        """The live entry for a qualified tool name, or None."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return None
+        if entry.expires < time.monotonic():
+            with self._lock:
+                if self._entries.get(name) is entry:
+                    del self._entries[name]
+            return None
+        return entry
+
+    def get(self, name: str) -> ToolSpec | None:
+        """The advertised spec for a qualified tool name, or None."""
+        entry = self.entry(name)
+        return entry.spec if entry is not None else None
+
+    def enrich(self, spec: ToolSpec) -> ToolSpec:
+        """``spec`` (a model-side function definition) with the advertised annotations and server.
+
+        The model side's own description and schema stay; a spec that already
+        carries annotations, or a name no MCP server listed, is returned as is.
+        """
+        if spec.annotations:
+            return spec
+        known = self.get(spec.name)
+        if known is None or (not known.annotations and known.server == spec.server):
+            return spec
+        memo = self._enriched.get(spec.name)
+        if memo is not None and memo[0] is spec and memo[1] is known:
+            return memo[2]
+        enriched = ToolSpec(
+            name=spec.name,
+            description=spec.description or known.description,
+            input_schema=spec.input_schema or known.input_schema,
+            annotations=known.annotations,
+            server=known.server,
+        )
+        self._enriched[spec.name] = (spec, known, enriched)
+        return enriched
+
+
+def qualified_name(server: str | None, name: str) -> str:
+    """The name the policy sees for tool ``name`` of MCP server ``server`` (``server__name``)."""
+    return f"{server}__{name}" if server else name
+
+
 # ---------------------------------------------------------------- routing
 
 
@@ -385,6 +490,8 @@ class Guard:
         max_body_size: int = 10 * 1024 * 1024,
         max_response_size: int = 32 * 1024 * 1024,
         max_pending: int = 4 * 1024 * 1024,
+        catalog: ToolCatalog | None = None,
+        max_user_text_bytes: int = 64 * 1024,
     ) -> None:
         self.policy = policy
         self.identity_source = identity
@@ -401,8 +508,13 @@ class Guard:
         self.max_body_size = max_body_size
         self.max_response_size = max_response_size
         self.max_pending = max_pending
-        # Tool definitions from MCP tools/list replies, so calls see annotations.
-        self._mcp_specs: dict[tuple[str | None, str], ToolSpec] = {}
+        # Tool definitions from MCP tools/list replies, so calls (MCP and model
+        # side) see their annotations.
+        self.catalog = catalog if catalog is not None else ToolCatalog()
+        self.max_user_text_bytes = max_user_text_bytes
+        # (conversation key id, hash of the texts) lately stored: an agent resends
+        # its whole conversation every turn, and storing the same texts again is waste.
+        self._stored_user_texts: dict[tuple[str | None, str, str | None, int], float] = {}
 
     # -- routing
 
@@ -518,22 +630,58 @@ class Guard:
             return _decode_whole(body, encoding, self.max_body_size, status=415)
         return body
 
-    def spec_for(self, route: Route, name: str) -> ToolSpec:
-        spec = self._mcp_specs.get((route.server, name))
+    def spec_for(self, name: str, server: str | None = None) -> ToolSpec:
+        """The spec of a tool by its qualified name: as advertised, else from the name alone."""
+        spec = self.catalog.get(name)
         if spec is None:
-            spec = (
-                ToolSpec.named(name, server=route.server) if route.server else ToolSpec.named(name)
-            )
+            spec = ToolSpec.named(name, server=server) if server else ToolSpec.named(name)
         return spec
-
-    def remember_specs(self, route: Route, specs: Iterable[ToolSpec]) -> None:
-        if len(self._mcp_specs) > 10_000:
-            self._mcp_specs.clear()
-        for spec in specs:
-            self._mcp_specs[(route.server, spec.name)] = spec
 
 
 _MISS: Any = object()
+_USER_TEXT_TTL = 24 * 3600.0
+# A conversation's texts seen lately are not stored again within this time.
+_USER_TEXT_RESTORE_SECONDS = 600.0
+
+
+def _user_text_key(identity: Identity, conversation: str | None) -> str:
+    """Store key of a conversation's user texts: the conversation key, always within the identity."""
+    key = (
+        SessionKey(identity.subject, identity.tenant, "conversation", conversation)
+        if conversation
+        else SessionKey.for_identity(identity)
+    )
+    return f"user-texts:{key.id}"
+
+
+def _decode_texts(raw: bytes | None) -> list[str]:
+    if raw is None:
+        return []
+    try:
+        texts = json.loads(raw)
+    except ValueError as exc:
+        raise StoreError("session store holds user texts that are not JSON") from exc
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise StoreError("session store holds user texts that are not a list of strings")
+    return texts
+
+
+def _newest_within(texts: list[str], limit: int) -> list[str]:
+    """The newest texts whose UTF-8 size fits ``limit`` (a single longer text keeps its head)."""
+    kept: list[str] = []
+    size = 0
+    for text in reversed(texts):
+        length = len(text.encode("utf-8"))
+        if size + length > limit:
+            if not kept:
+                kept.append(text.encode("utf-8")[:limit].decode("utf-8", errors="ignore"))
+            break
+        kept.append(text)
+        size += length
+    kept.reverse()
+    return kept
+
+
 # Request ids: 64 random bits per process and a counter, as 32 hex digits like a
 # uuid4's (a uuid4 per request costs a system call for randomness).
 _ID_PREFIX = secrets.token_hex(8)
@@ -584,6 +732,8 @@ class Exchange:
     pending: dict[str | int, tuple[str, Any]] = field(default_factory=dict)
     local_answers: list[dict[str, Any]] = field(default_factory=list)
     model: str | None = None
+    # Token budgets (LimitHits) that apply to this model request.
+    token_limits: list[Any] = field(default_factory=list)
 
     @property
     def protocol(self) -> str:
@@ -658,15 +808,45 @@ class Exchange:
 
     # -- deciding calls
 
-    async def decide_call(self, call: ToolCall, spec: ToolSpec, error: str | None) -> _CallOutcome:
+    def traced(self, decision: Decision, explain: Callable[[], Decision]) -> Decision:
+        """``decision`` with the engine's trace when it is a denial that will be audited.
+
+        ``explain`` decides again with ``explain=True``; only denials pay for it,
+        so the common path never explains. The decision itself is kept: only its
+        trace comes from the explained run.
+        """
+        if (
+            decision.effect not in _DENIALS
+            or decision.trace is not None
+            or self.guard.on_decision is None
+        ):
+            return decision
+        try:
+            trace = explain().trace
+        except Exception:
+            log.exception("could not explain a denial for the audit trail")
+            return decision
+        return dataclasses.replace(decision, trace=trace) if trace is not None else decision
+
+    async def decide_call(
+        self, call: ToolCall, spec: ToolSpec, error: str | None, *, label: str | None = None
+    ) -> _CallOutcome:
+        """Decide one complete call; ``label`` is the tool's name in the refusal text."""
         guard, identity = self.guard, self.identity
+        shown = label or call.name
         if error is not None:
             decision = _denial(EventKind.CALL, "invalid_arguments", error)
             guard.audit(self.event(decision, call.name, detail={"error": "invalid_arguments"}))
-            return _CallOutcome(False, refusal_text(call.name, error), decision)
-        decision = guard.policy.decide_call(
-            identity, spec, call.arguments, self.context, request=self.info
-        )
+            return _CallOutcome(False, refusal_text(shown, error), decision)
+        decide = guard.policy.decide_call
+        decision = decide(identity, spec, call.arguments, self.context, request=self.info)
+        if decision.effect is not Effect.ALLOW:
+            decision = self.traced(
+                decision,
+                lambda: decide(
+                    identity, spec, call.arguments, self.context, request=self.info, explain=True
+                ),
+            )
         detail: dict[str, Any] = {}
         effect = decision.effect
         if effect is Effect.ASK:
@@ -688,7 +868,7 @@ class Exchange:
                 )
                 return _CallOutcome(
                     False,
-                    refusal_text(call.name, decision.reason, approval_id=approval.id),
+                    refusal_text(shown, decision.reason, approval_id=approval.id),
                     decision,
                 )
         if effect is Effect.ALLOW:
@@ -705,7 +885,7 @@ class Exchange:
         guard.audit(self.event(decision, call.name, arguments=call.arguments, detail=detail))
         if effect is Effect.ALLOW:
             return _CallOutcome(True, decision=decision)
-        return _CallOutcome(False, refusal_text(call.name, decision.reason), decision)
+        return _CallOutcome(False, refusal_text(shown, decision.reason), decision)
 
     async def _over_limit(
         self, kind: Literal["call", "model"], name: str, args: Mapping[str, Any]
@@ -716,6 +896,9 @@ class Exchange:
         limiter = self.guard.session.limits
         for hit in hits:
             if hit.unit == "tokens":
+                if kind == "model":
+                    # Counted once the response tells how many were used.
+                    self.token_limits.append(hit)
                 status = await limiter.check(self.identity, hit.key, hit.amount, hit.window_seconds)
             else:
                 status = await limiter.check_and_count(
@@ -724,6 +907,14 @@ class Exchange:
             if not status.allowed:
                 return hit
         return None
+
+    async def count_tokens(self, tokens: int) -> None:
+        """Add the tokens a response used to every token budget this request was checked against."""
+        if tokens <= 0:
+            return
+        limiter = self.guard.session.limits
+        for hit in self.token_limits:
+            await limiter.add(self.identity, hit.key, hit.window_seconds, tokens)
 
     # -- classifying tool output
 
@@ -748,6 +939,20 @@ class Exchange:
             # The common case, in short: trusted as it stands (not audited, see above).
             self._add_texts(result.name or "<untraced>", None, _plain_text(content))
             return content, False, None
+        if decision.effect is Effect.BLOCK:
+            context = self.context
+            decision = self.traced(
+                decision,
+                lambda: guard.policy.classify_result(
+                    self.identity,
+                    spec,
+                    result.arguments,
+                    result,
+                    context,
+                    request=self.info,
+                    explain=True,
+                ),
+            )
         changed = False
         detail: dict[str, Any] = {}
         field_paths = [(p, e) for p, e in decision.paths if e is not Effect.REDACT]
@@ -979,15 +1184,28 @@ class Exchange:
                 identity, model_req, self.context, request=self.info
             )
             if decision.effect is not Effect.ALLOW:
+                context = self.context
+                decision = self.traced(
+                    decision,
+                    lambda: guard.policy.decide_model(
+                        identity, model_req, context, request=self.info, explain=True
+                    ),
+                )
                 guard.audit(self.event(decision, model))
                 return self.policy_reply(f"model {model!r} is not allowed: {decision.reason}")
             hit = await self._over_limit("model", model, {})
             if hit is not None:
+                default_reason = (
+                    f"the token budget of {hit.amount} tokens per {hit.window_seconds:g} s"
+                    f" for model {model!r} is used up (limit {hit.rule_id})"
+                    if hit.unit == "tokens"
+                    else f"limit {hit.rule_id} reached"
+                )
                 denied = Decision(
                     EventKind.MODEL,
                     Effect.FORBID,
                     rule_ids=(hit.rule_id,),
-                    reasons=(hit.reason or f"limit {hit.rule_id} reached",),
+                    reasons=(hit.reason or default_reason,),
                 )
                 guard.audit(self.event(denied, model, detail={"limit": hit.key}))
                 return _json_reply(
@@ -1007,17 +1225,25 @@ class Exchange:
         if start.effect is Effect.UNTRUSTED:
             self.context = self.context.with_taint("context")
             guard.audit(self.event(start, "context"))
+        if req.user_texts:
+            await self._remember_user_texts(conversation, req.user_texts)
+        # Tool definitions: a function definition says nothing about the tool
+        # (annotations, server); an MCP server that listed the same name did.
+        tools = req.tools
+        catalog = guard.catalog
+        if tools and len(catalog):
+            tools = [catalog.enrich(spec) for spec in tools]
+        self.specs = {spec.name: spec for spec in tools}
         # Tool outputs in the conversation, in order.
-        self.specs = {spec.name: spec for spec in req.tools}
         for view in req.tool_results:
             result = view.result
-            spec = self.specs.get(result.name) or ToolSpec.named(result.name)
+            spec = self.specs.get(result.name) or guard.spec_for(result.name)
             content, rewritten, _ = await self.classify(result, spec, traced=view.traced)
             if rewritten:
                 req.replace_tool_result(view.location, content)
                 changed = True
         # Visibility of the offered tools.
-        if req.tools:
+        if tools:
             keep = []
             decide, context, info, show = (
                 guard.policy.decide_visibility,
@@ -1025,13 +1251,19 @@ class Exchange:
                 self.info,
                 Effect.SHOW,
             )
-            for spec in req.tools:
+            for spec in tools:
                 decision = decide(identity, spec, context, request=info)
                 if decision.effect is show:
                     keep.append(spec.name)
                 else:
+                    decision = self.traced(
+                        decision,
+                        functools.partial(
+                            decide, identity, spec, context, request=info, explain=True
+                        ),
+                    )
                     guard.audit(self.event(decision, spec.name))
-            if len(keep) != len(req.tools):
+            if len(keep) != len(tools):
                 req.keep_tools(keep)
                 changed = True
         if changed:
@@ -1039,6 +1271,26 @@ class Exchange:
             headers = _without(headers, _HOP_HEADERS)
             headers.append(("content-length", str(len(body))))
         return Forward(body, headers, self, provider)
+
+    async def _remember_user_texts(self, conversation: str | None, texts: tuple[str, ...]) -> None:
+        """Keep the user's and system's own texts for MCP requests of the same conversation."""
+        guard, identity = self.guard, self.identity
+        memo = (identity.tenant, identity.subject, conversation, hash(texts))
+        seen = guard._stored_user_texts
+        now = time.monotonic()
+        stored_at = seen.get(memo)
+        if stored_at is not None and now - stored_at < _USER_TEXT_RESTORE_SECONDS:
+            return
+        store, key = guard.session.store, _user_text_key(identity, conversation)
+        kept = _decode_texts(await store.get(key))
+        known = set(kept)
+        kept.extend(t for t in dict.fromkeys(texts) if t and t not in known)
+        kept = _newest_within(kept, guard.max_user_text_bytes)
+        payload = json.dumps(kept, ensure_ascii=False).encode("utf-8")
+        await store.set(key, payload, _USER_TEXT_TTL)
+        if len(seen) >= 4096:
+            seen.clear()
+        seen[memo] = now
 
     # -- MCP requests
 
@@ -1051,18 +1303,33 @@ class Exchange:
             protocol_version=post.revision,
             conversation_header=guard.conversation_header,
         )
+        methods = {m.method for m in post.messages}
+        user_texts: list[str] = []
+        if "tools/call" in methods:
+            # The user's own words from the same conversation's LLM requests, so a
+            # value the user typed does not count as coming from untrusted output.
+            conversation = _header(headers, guard.conversation_header)
+            user_texts = _decode_texts(
+                await guard.session.store.get(_user_text_key(identity, conversation))
+            )
         start = guard.policy.decide_context(identity, request=self.info)
-        self.context = Context(session=self.session_key.id)
+        self.context = Context(session=self.session_key.id, user_texts=tuple(user_texts))
         if start.effect is Effect.UNTRUSTED:
             self.context = self.context.with_taint("context")
-        if any(m.method in ("tools/call", "tools/list") for m in post.messages):
+        if "tools/call" in methods or "tools/list" in methods:
             state = await guard.session.taint.get_taint(self.session_key)
             self.context = state.apply(self.context)
+        server = self.route.server
         forwarded: list[JSONRPCMessage] = []
         for message in post.messages:
             call = MCPCodec.tool_call(message)
             if call is not None and message.id is not None:
-                outcome = await self.decide_call(call, guard.spec_for(self.route, call.name), None)
+                own_name = call.name
+                if server:
+                    # The policy sees the gateway's names (server__tool) on every route.
+                    call = ToolCall(call.id, qualified_name(server, own_name), call.arguments)
+                spec = guard.spec_for(call.name, server)
+                outcome = await self.decide_call(call, spec, None, label=own_name)
                 if not outcome.allowed:
                     self.local_answers.append(self._refusal(message.id, outcome, post.revision))
                     continue
@@ -1099,7 +1366,7 @@ class Exchange:
         if kind == "list":
             return message.with_result(await self._filter_list(message.result, value))
         call: ToolCall = value
-        spec = self.guard.spec_for(self.route, call.name)
+        spec = self.guard.spec_for(call.name, self.route.server)
         result = MCPCodec.call_result(message.result, call)
         content, changed, untrusted = await self.classify(result, spec)
         if untrusted is not None and self.session_key is not None:
@@ -1118,25 +1385,27 @@ class Exchange:
 
     async def _filter_list(self, result: dict[str, Any], cursor: str | None) -> dict[str, Any]:
         guard = self.guard
-        specs = MCPCodec.list_tools(result)
-        if self.route.server:
-            specs = [
-                ToolSpec.named(
-                    s.name,
-                    description=s.description,
-                    input_schema=s.input_schema,
-                    annotations=s.annotations,
-                    server=self.route.server,
-                )
-                for s in specs
-            ]
-        guard.remember_specs(self.route, specs)
-        pin_server = f"{self.route.server or self.info.path}#{cursor or ''}"
-        report = await guard.session.pins.check(pin_server, specs)
-        drifted = set(report.added) | set(report.changed)
+        own_specs = MCPCodec.list_tools(result)
+        server = self.route.server
+        own_names: dict[str, str] = {}
+        specs = own_specs
+        if server:
+            # The agent keeps the server's names; the policy sees server__tool.
+            own_specs = [dataclasses.replace(s, server=server) for s in own_specs]
+            specs = []
+            for s in own_specs:
+                name = qualified_name(server, s.name)
+                own_names[name] = s.name
+                specs.append(dataclasses.replace(s, name=name))
+        guard.catalog.remember(specs, self.info.path)
+        pin_server = f"{server or self.info.path}#{cursor or ''}"
+        # Pinned as the server itself names its tools.
+        report = await guard.session.pins.check(pin_server, own_specs)
+        drifted = {qualified_name(server, n) for n in (*report.added, *report.changed)}
         keep: list[str] = []
         base = self.context
         for spec in specs:
+            own = own_names.get(spec.name, spec.name)
             context = base
             if report.drifted:
                 context = Context(
@@ -1152,19 +1421,24 @@ class Exchange:
                         "pin_changed": spec.name in drifted,
                     },
                 )
-            decision = guard.policy.decide_visibility(
-                self.identity, spec, context, request=self.info
-            )
+            decide = guard.policy.decide_visibility
+            decision = decide(self.identity, spec, context, request=self.info)
             detail: dict[str, Any] = {}
             if spec.name in drifted:
                 detail["pin"] = {
-                    "added": spec.name in report.added,
-                    "changed": list(report.changed.get(spec.name, ())),
+                    "added": own in report.added,
+                    "changed": list(report.changed.get(own, ())),
                 }
             if decision.effect is not Effect.SHOW or detail:
+                decision = self.traced(
+                    decision,
+                    functools.partial(
+                        decide, self.identity, spec, context, request=self.info, explain=True
+                    ),
+                )
                 guard.audit(self.event(decision, spec.name, detail=detail))
             if decision.effect is Effect.SHOW:
-                keep.append(spec.name)
+                keep.append(own)
         return MCPCodec.filter_tools(result, keep)
 
     # -- responses
@@ -1185,6 +1459,45 @@ def _is_block(content: Any) -> bool:
 # ---------------------------------------------------------------- responses
 
 
+class _UsageMeter:
+    """The tokens a response reports using: its ``usage`` (JSON) or its stream's usage events.
+
+    Counts merge per kind by the largest value seen (Anthropic streams send running
+    totals). Only responses to requests under a token budget are metered.
+    """
+
+    def __init__(self, usage_of: Callable[[Mapping[str, Any]], dict[str, int] | None]) -> None:
+        self._usage_of = usage_of
+        self._parser: SSEParser | None = None
+        self.counts: dict[str, int] = {}
+
+    def add(self, payload: Any) -> None:
+        if not isinstance(payload, dict):
+            return
+        found = self._usage_of(payload)
+        if found:
+            counts = self.counts
+            for kind, value in found.items():
+                if value > counts.get(kind, -1):
+                    counts[kind] = value
+
+    def feed(self, chunk: bytes) -> None:
+        """Read stream bytes as they came from upstream (malformed events are the rewriter's concern)."""
+        if self._parser is None:
+            self._parser = SSEParser()
+        for event in self._parser.feed(chunk):
+            data = event.data
+            if data and "usage" in data:
+                try:
+                    self.add(json.loads(data))
+                except ValueError:
+                    continue
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
 class ResponseGuard:
     """How one upstream response goes back to the client; see the module docstring."""
 
@@ -1203,6 +1516,7 @@ class ResponseGuard:
         self.headers = headers
         self._media = ""
         self._fixed: Reply | None = None
+        self._meter: _UsageMeter | None = None
         # Constructing never audits (the sync transport builds this off the guard's
         # loop): a setup failure is answered and audited by complete().
         self._setup_error: BaseException | None = None
@@ -1240,9 +1554,10 @@ class ResponseGuard:
             if ex.protocol == "mcp":
                 self._events = MCPEventStream()
             else:
-                self._rewriter = _CODECS[ex.protocol].stream_rewriter(
-                    max_pending=ex.guard.max_pending
-                )
+                codec = _CODECS[ex.protocol]
+                self._rewriter = codec.stream_rewriter(max_pending=ex.guard.max_pending)
+                if ex.token_limits:
+                    self._meter = _UsageMeter(codec.usage_of)
             self.headers = _without(headers, _HOP_HEADERS)
             return
         if media == "application/json" or (media.endswith("+json")):
@@ -1308,6 +1623,10 @@ class ResponseGuard:
             return Reply(self.status, [*headers, ("content-length", str(len(body)))], body)
         codec = _CODECS[ex.protocol]
         resp = codec.parse_response(body)
+        if ex.token_limits:
+            meter = _UsageMeter(codec.usage_of)
+            meter.add(resp.body)
+            await ex.count_tokens(meter.total)
         refusals: dict[str, str] = {}
         for view in resp.calls:
             outcome = await ex.decide_call(view.call, self._spec(view), view.error)
@@ -1321,7 +1640,8 @@ class ResponseGuard:
         return Reply(self.status, [*headers, ("content-length", str(len(body)))], body)
 
     def _spec(self, view: CallView) -> ToolSpec:
-        return self.exchange.specs.get(view.call.name) or ToolSpec.named(view.call.name)
+        ex = self.exchange
+        return ex.specs.get(view.call.name) or ex.guard.spec_for(view.call.name)
 
     # -- stream mode
 
@@ -1353,7 +1673,11 @@ class ResponseGuard:
         try:
             if self._decoder is not None:
                 chunk = self._decoder.feed(chunk)
+                if self._meter is not None:
+                    self._meter.feed(chunk)
             else:
+                if self._meter is not None:
+                    self._meter.feed(chunk)
                 through = rewriter.feed_through(chunk)
                 if through is not None:
                     return through
@@ -1429,6 +1753,8 @@ class ResponseGuard:
             else:
                 assert self._rewriter is not None
                 tail = self._rewriter.close()
+                if self._meter is not None:
+                    await self.exchange.count_tokens(self._meter.total)
             self.done = True
             return tail
         except Exception as exc:
