@@ -57,6 +57,11 @@ def build_tool_server(
         calls["send_email"] += 1
         return f"sent to {to}"
 
+    def transfer(to: str, amount: int) -> str:
+        """Transfer money."""
+        calls["transfer"] += 1
+        return f"transferred {amount} to {to}"
+
     # Unstructured outputs: quarantine replaces the text and a structured copy would
     # have to be dropped, which a client validating an output schema would refuse.
     server.add_tool(
@@ -71,6 +76,9 @@ def build_tool_server(
         send_email,
         annotations=ToolAnnotations(destructiveHint=True, openWorldHint=True),
         structured_output=False,
+    )
+    server.add_tool(
+        transfer, annotations=ToolAnnotations(destructiveHint=True), structured_output=False
     )
     return server
 
