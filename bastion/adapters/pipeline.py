@@ -1359,6 +1359,8 @@ class Exchange:
         """Rewrite one server message that answers a tracked request."""
         if message.kind not in ("response", "error") or message.id is None:
             return message
+        if self.info.method == "GET":
+            return self._refuse_redelivery(message)
         tracked = self.pending.pop(message.id, None)
         if tracked is None or message.result is None:
             return message
@@ -1382,6 +1384,26 @@ class Exchange:
         if content != result.content and _is_block(content):
             new["isError"] = True
         return message.with_result(new)
+
+    def _refuse_redelivery(self, message: JSONRPCMessage) -> JSONRPCMessage:
+        """A response on a GET stream (a resumed or redelivered answer), replaced by an error.
+
+        Bastion checks answers on the POST exchange that asked for them: there it
+        knows which tool call (or tools list) an id belongs to. A response
+        arriving on a GET stream cannot be tied to a checked request, so it never
+        reaches the client unchecked; the client sees a JSON-RPC error for that
+        id and may send the request again.
+        """
+        reason = "a response delivered outside the request that asked for it cannot be checked"
+        self.guard.audit(
+            self.event(
+                _denial(EventKind.RESULT, "redelivered_response", reason),
+                self.info.path,
+                detail={"error": "redelivered_response", "jsonrpc_id": message.id},
+            )
+        )
+        text = f"Bastion refused this response: {reason}; send the request again"
+        return JSONRPCMessage("error", MCPCodec.refusal_error(message.id, text))
 
     async def _filter_list(self, result: dict[str, Any], cursor: str | None) -> dict[str, Any]:
         guard = self.guard
@@ -1535,9 +1557,13 @@ class ResponseGuard:
             # Every forwarded message was a notification: answer the refused calls instead.
             self.mode = "buffer"
             return
-        if ex.info.method != "POST" or not 200 <= self.status < 300:
+        if not 200 <= self.status < 300:
             return
-        if ex.protocol == "mcp" and not ex.pending and not ex.local_answers:
+        if ex.info.method != "POST":
+            # An MCP GET stream may carry responses (resumption, redelivery): read it.
+            if ex.protocol != "mcp" or ex.info.method != "GET":
+                return
+        elif ex.protocol == "mcp" and not ex.pending and not ex.local_answers:
             return
         encoding = (_header(headers, "content-encoding") or "").strip().lower()
         if encoding and encoding != "identity":
@@ -1612,7 +1638,7 @@ class ResponseGuard:
         ex = self.exchange
         headers = _without(self.headers, _HOP_HEADERS)
         if ex.protocol == "mcp":
-            if self.status == 202:
+            if self.status == 202 and ex.local_answers:
                 answers = ex.local_answers
                 return _json_reply(200, dumps_compact(answers if len(answers) > 1 else answers[0]))
             messages = MCPCodec.parse_reply(body, "application/json")
