@@ -38,7 +38,42 @@ MCP routes: ``tools/call`` decided before it reaches the server (refusal as an
 ``context.pin_changed`` / ``context.pins_drifted``), ``tools/call`` results
 classified and tainting the MCP session (``bastion.session.SessionKey``:
 ``Mcp-Session-Id`` in handshake revisions, the ``conversation_header`` or the
-identity in 2026-07-28). Calls are decided with the session's taint.
+identity in 2026-07-28). Calls are decided with the session's taint. On a
+route naming its server (``Route("mcp", server="github")``) the policy sees
+the same names as on an aggregated endpoint, ``github__list_issues`` with
+``tool.server == "github"`` (for decisions, taint sources, approvals, limits
+and the audit), while the agent keeps the server's own names on the wire.
+
+One guard, both sides: a guard that serves LLM and MCP routes (the gateway's
+does) carries facts from one to the other.
+
+- *Tool annotations.* Tools lists that pass through it fill a bounded
+  :class:`ToolCatalog` (qualified name -> advertised spec, TTL and size
+  bound). An LLM request's ``tools`` are plain function definitions, so each
+  is enriched by name from the catalog: ``tool.readOnlyHint`` and the other
+  MCP annotations then hold on the model side too, for the offered tools, the
+  calls in the response and the tool outputs in the conversation. Annotations
+  are the MCP server's hints about its own tools and are trusted exactly as
+  much as that server; a schema declaration overrides them.
+- *The user's own words.* The user and system texts of LLM requests are kept
+  (bounded, newest kept, 24 h) in the session store under the conversation key
+  (the ``conversation_header``, else the identity; always within the identity),
+  and MCP ``tools/call`` requests of the same identity and conversation are
+  decided with them as ``context.user_texts``: a value the user typed is not
+  ``from untrusted`` merely because a tool also returned it. The store is
+  written by read-modify-write; concurrent writers may drop each other's
+  newest texts, which only makes ``from untrusted`` hold more often.
+- *Token budgets.* ``limit model ... tokens`` rules are checked before the
+  request and charged after the response with the tokens its ``usage``
+  reports (chat ``usage`` and the stream's usage chunk when the client asked
+  for one with ``stream_options.include_usage``; Responses ``usage`` and
+  ``response.completed``; Anthropic ``usage`` of ``message_start`` and
+  ``message_delta``). A response that reports no usage is not charged.
+
+MCP GET streams carry server requests and notifications, which pass, and may
+carry responses (a stream resumed with ``Last-Event-ID`` replays them). A
+response there cannot be tied to the checked POST that asked for it, so it is
+replaced by a JSON-RPC error for its id (audited); the client may ask again.
 
 Audit: every decision that changes traffic or trust reaches ``on_decision``:
 each tool call (allowed or not), the model decision, each hidden tool, each
@@ -47,6 +82,9 @@ untrusted or untraced, the context's initial distrust, and every error. Tools
 shown as offered and tool output trusted as it stands change nothing and are
 not audited one by one (an agent resends its whole conversation and tools list
 every turn; auditing them would repeat the same non-events each request).
+Denials (forbid, ask, hide, block) are decided again with ``explain=True``
+before they are audited, so their records carry the decision trace; allowed
+decisions are never explained on the request path.
 """
 
 from __future__ import annotations
@@ -472,6 +510,9 @@ class Guard:
     guards and non-HTTP scopes other than lifespan. ``max_body_size`` bounds
     request bodies (413) and ``max_response_size`` buffered response bodies;
     ``max_pending`` the bytes a stream may hold while calls are undecided.
+    ``catalog``: the :class:`ToolCatalog` of advertised tools (default: a new
+    one per guard). ``max_user_text_bytes`` bounds the user texts kept per
+    conversation for MCP requests.
     """
 
     def __init__(

@@ -11,11 +11,17 @@ authenticates, applies the policy and audits every decision):
 - ``GET /v1/models``: the models this identity may use (policy and key grant);
 - ``/mcp/{server}``: a streamable HTTP reverse proxy per upstream MCP server
   (POST, GET streams and DELETE; JSON and SSE replies streamed through;
-  ``Mcp-Session-Id`` preserved both ways);
+  ``Mcp-Session-Id`` preserved both ways); the agent sees the server's own tool
+  names, the policy the same ``server__tool`` names as on ``/mcp``;
 - ``/mcp``: every upstream behind one MCP endpoint, tools named ``server__tool``
   (:mod:`bastion.gateway.aggregate`);
 - ``/healthz``, ``/metrics``, ``/.well-known/oauth-protected-resource``, and the
   approval API under ``/approvals``.
+
+One guard serves every endpoint, so what passes one side informs the other:
+MCP tool annotations reach the model side's tools and calls, the user's own
+messages reach MCP calls of the same conversation, and token budgets are
+charged from the providers' usage (see :mod:`bastion.adapters.pipeline`).
 
 Each upstream exchange is audited too (``detail.exchange == "upstream"``: the
 provider, the key's fingerprint, the upstream status, latency and any error).
