@@ -25,12 +25,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
 from bastion.events import (
+    EMPTY_CONTEXT,
     Decision,
     Effect,
     EventKind,
@@ -490,15 +491,53 @@ def result_text(content: Any) -> str:
     return json.dumps(content, sort_keys=True, default=str)
 
 
-def result_view(result: Any) -> dict[str, Any]:
-    content = getattr(result, "content", result) if hasattr(result, "call_id") else result
+def _result_parts(result: Any) -> tuple[Any, bool]:
     if hasattr(result, "call_id"):
-        is_error = bool(result.is_error)
-    elif isinstance(result, Mapping):
-        is_error = result.get("isError", result.get("is_error", False)) is True
-    else:
-        is_error = False
+        return getattr(result, "content", result), bool(result.is_error)
+    if isinstance(result, Mapping):
+        return result, result.get("isError", result.get("is_error", False)) is True
+    return result, False
+
+
+def result_view(result: Any) -> dict[str, Any]:
+    content, is_error = _result_parts(result)
     return {"text": result_text(content), "is_error": is_error, "content": content}
+
+
+_RESULT_KEYS = ("text", "is_error", "content")
+
+
+class LazyResultView(Mapping[str, Any]):
+    """``result_view(result)`` whose text is computed when first read (a long output's join)."""
+
+    __slots__ = ("_content", "_is_error", "_text")
+
+    def __init__(self, result: Any) -> None:
+        self._content, self._is_error = _result_parts(result)
+        self._text: str | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == "text":
+            text = self._text
+            if text is None:
+                text = self._text = result_text(self._content)
+            return text
+        if key == "is_error":
+            return self._is_error
+        if key == "content":
+            return self._content
+        return default
+
+    def __getitem__(self, key: str) -> Any:
+        if key in _RESULT_KEYS:
+            return self.get(key)
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_RESULT_KEYS)
+
+    def __len__(self) -> int:
+        return len(_RESULT_KEYS)
 
 
 # ---- printing conditions ------------------------------------------------------------
@@ -596,6 +635,12 @@ class CRule:
     by: Callable[..., Any] | None = None
     residual_src: str | None = None  # the residual's expression, inlined by call deciders
     hoisted_src: str | None = None  # the hoisted part's expression (reads only I)
+    roots: frozenset[str] = frozenset()  # the roots the condition reads (that its kind can see)
+    # Visibility of rules that read the arguments: the residual's conjuncts that do
+    # not (two-valued, inlined), and whether every conjunct that does is unknown
+    # whatever the rest of the request (then no walk is needed).
+    known_src: str | None = None
+    unknown_static: bool = False
 
     def holds(self, identity: Identity, a: Any, t: Any, c: Any, r: Any, x: Any) -> bool:
         if self.hoisted is not None and not self.hoisted(identity):
@@ -1214,7 +1259,7 @@ class CandidateList:
         self.rules = rules
         self.decide = decide
         self.tool_view = tool_view
-        self.needs_tool = any(r.residual is not None for r in rules)
+        self.needs_tool = any(r.roots & {"tool", "destinations"} for r in rules)
         self.decisions: dict[tuple[int, ...], Decision] = {}
 
     def decision(self, key: tuple[int, ...], by_index: Callable[[int], CRule]) -> Decision:
@@ -1252,8 +1297,22 @@ def _memo_put(memo: dict[str, Any], name: str, cl: Any) -> None:
 CallDecider = Callable[..., Decision]
 """``decider(identity, args, context, request[, tool_view]) -> Decision``."""
 
+# What each kind of decider takes, and the decider's parameter list. S is the
+# tool (a name or a ToolSpec) and Q the result or model as given; the tool view
+# T and the result or model view X are made from them only when a candidate
+# reads them. The roots a kind cannot read are fixed defaults.
+_DECIDER_PARAMS = {
+    "call": "I, A, C, R, T=_T, X=None",  # decide_call passes T for a ToolSpec
+    "result": "I, S, A, Q, C, R",
+    "model": "I, Q, C, R, A=_NA, T=None",
+    "context": "I, R, A=_NA, C=_EC, T=None, X=None",
+    "visibility": "I, S, C, R, A=_NA, X=None",
+}
+_NO_ARGS: Mapping[str, Any] = MappingProxyType({})
 
-def _call_decider(cp: CompiledPolicy, cl: CandidateList) -> CallDecider:
+
+def _decider(cp: CompiledPolicy, cl: CandidateList, kind: str) -> CallDecider:
+    """One generated function deciding ``kind`` for one candidate list (see above)."""
     rules = cl.rules
     bits = {r.index: 1 << n for n, r in enumerate(rules)}
     always = 0  # active whatever the identity
@@ -1267,19 +1326,69 @@ def _call_decider(cp: CompiledPolicy, cl: CandidateList) -> CallDecider:
             hoisted.append((bit, r))
         if r.residual is None:
             no_residual |= bit
+    reads: frozenset[str] = frozenset().union(*(r.roots for r in rules))
     table: dict[int, Decision] = {}
-    by_index = cp.by_index
 
-    def make(m: int) -> Decision:
-        d = cl.decision(tuple(r.index for r in rules if m & bits[r.index]), by_index)
-        if len(table) >= DECISION_CACHE_SIZE:
-            table.clear()
-        table[m] = d
-        return d
+    if kind == "visibility":
+        width = len(rules)
 
-    env: dict[str, Any] = {"_tget": table.get, "_mk": make, "_T": cl.tool_view}
+        def make(key: int) -> Decision:
+            m, u = key & ((1 << width) - 1), key >> width
+            truths = [
+                True if m & bits[r.index] else UNKNOWN if u & bits[r.index] else False
+                for r in rules
+            ]
+            d = cp.decide_visibility_from(list(zip(rules, truths, strict=True)))
+            if len(table) >= DECISION_CACHE_SIZE:
+                table.clear()
+            table[key] = d
+            return d
+
+    else:
+        by_index = cp.by_index
+
+        def make(key: int) -> Decision:
+            d = cl.decision(tuple(r.index for r in rules if key & bits[r.index]), by_index)
+            if len(table) >= DECISION_CACHE_SIZE:
+                table.clear()
+            table[key] = d
+            return d
+
+    def walk(rule: CRule, identity: Identity, t: Any, c: Any, req: Any) -> Any:
+        assert rule.condition is not None
+        env = Env(rule.kind, identity, UNKNOWN, t, c, req, None, cp.sets)
+        return cp.walker.truth(rule.condition, env)
+
+    env: dict[str, Any] = {
+        "_tget": table.get,
+        "_mk": make,
+        "_T": cl.tool_view,
+        "_NA": _NO_ARGS,
+        "_EC": EMPTY_CONTEXT,
+        "_view": cp.tool_view_for,
+        "_rview": LazyResultView,
+        "_mview": model_view,
+        "_walk": walk,
+    }
+    params = _DECIDER_PARAMS[kind]
+    # The body reads env names as parameter defaults (fast locals): the
+    # function's globals are the policy's namespace.
+    bound = ["_tget", "_mk"]
+    prelude: list[str] = []
+    if kind in ("result", "visibility"):
+        if reads & {"tool", "destinations"}:
+            prelude.append("    T = _T if type(S) is str else _view(S)")
+            bound += ["_T", "_view"]
+        else:
+            params += ", T=_T"
+    if kind in ("result", "model"):
+        if reads & {"result", "model"}:
+            prelude.append("    X = _rview(Q)" if kind == "result" else "    X = _mview(Q)")
+            bound.append("_rview" if kind == "result" else "_mview")
+        else:
+            params += ", X=None"
     head: list[str] = []
-    lines = ["def _decide(I, A, C, R, T=_T, X=None, _tget=_tget, _mk=_mk):"]
+    lines = [*prelude]
     if hoisted:
         active: dict[int, tuple[Identity, int]] = {}
 
@@ -1299,24 +1408,59 @@ def _call_decider(cp: CompiledPolicy, cl: CandidateList) -> CallDecider:
         head += ["    _put(I, a)", "    return a"]
         env["_get"] = active.get
         env["_put"] = remember
-        lines[0] = lines[0][:-2] + ", _get=_get, _act=_act):"
+        bound += ["_get", "_act"]
         lines.append("    e = _get(id(I))")
         lines.append("    a = e[1] if e is not None and e[0] is I else _act(I)")
-        lines.append(f"    m = a & {no_residual}")
-    else:
-        lines.append(f"    m = {always & no_residual}")
-    for r in rules:
-        if r.residual_src is None:
-            continue
+
+    def active_bits(mask: int) -> str:
+        return f"a & {mask}" if hoisted else str(always & mask)
+
+    def guard(r: CRule, test: str | None) -> str:
         bit = bits[r.index]
-        test = f"({r.residual_src})"
-        if r.hoisted is not None:
-            test = f"a & {bit} and {test}"
-        lines.append(f"    if {test}:")
-        lines.append(f"        m |= {bit}")
-    lines.append("    d = _tget(m)")
-    lines.append("    return _mk(m) if d is None else d")
-    code = compile("\n".join(head + lines) + "\n", "<bastion-call-decider>", "exec")
+        parts = ([f"a & {bit}"] if r.hoisted is not None else []) + ([f"({test})"] if test else [])
+        return " and ".join(parts) or "True"
+
+    if kind == "visibility":
+        two_valued = 0
+        unknown_when_active = 0
+        for r in rules:
+            if not r.uses_unknown:
+                if r.residual is None:
+                    two_valued |= bits[r.index]
+            elif r.unknown_static and r.known_src is None:
+                unknown_when_active |= bits[r.index]
+        lines.append(f"    m = {active_bits(two_valued)}")
+        lines.append(f"    u = {active_bits(unknown_when_active)}")
+        for r in rules:
+            bit = bits[r.index]
+            if not r.uses_unknown:
+                if r.residual_src is not None:
+                    lines += [f"    if {guard(r, r.residual_src)}:", f"        m |= {bit}"]
+            elif r.unknown_static:
+                if r.known_src is not None:
+                    lines += [f"    if {guard(r, r.known_src)}:", f"        u |= {bit}"]
+            else:
+                env[f"_r{r.index}"] = r
+                bound += ["_walk", f"_r{r.index}"]
+                lines += [
+                    f"    if {guard(r, None)}:",
+                    f"        t = _walk(_r{r.index}, I, T, C, R)",
+                    "        if t is True:",
+                    f"            m |= {bit}",
+                    "        elif t is not False:",
+                    f"            u |= {bit}",
+                ]
+        lines.append(f"    k = m | (u << {len(rules)})")
+    else:
+        lines.append(f"    k = {active_bits(no_residual)}")
+        for r in rules:
+            if r.residual_src is not None:
+                lines += [f"    if {guard(r, r.residual_src)}:", f"        k |= {bits[r.index]}"]
+    lines.append("    d = _tget(k)")
+    lines.append("    return _mk(k) if d is None else d")
+    defaults = "".join(f", {n}={n}" for n in dict.fromkeys(bound))
+    lines.insert(0, f"def _decide({params}{defaults}):")
+    code = compile("\n".join(head + lines) + "\n", f"<bastion-{kind}-decider>", "exec")
     exec(code, cp.namespace, env)
     fn: CallDecider = env["_decide"]
     return fn
@@ -1346,6 +1490,11 @@ class CompiledPolicy:
     namespace: dict[str, Any] = field(default_factory=dict)
     # Tool name -> its call decider (see call_decider); the fast path of decide_call.
     call_deciders: dict[str, CallDecider] = field(default_factory=dict)
+    # The same for the decisions every LLM request makes.
+    visibility_deciders: dict[str, CallDecider] = field(default_factory=dict)
+    result_deciders: dict[str, CallDecider] = field(default_factory=dict)
+    model_deciders: dict[str, CallDecider] = field(default_factory=dict)
+    context_fn: CallDecider | None = None
 
     def __post_init__(self) -> None:
         self.walker = Walker(self.sets)
@@ -1388,8 +1537,40 @@ class CompiledPolicy:
         """The memoized call decider for one tool name (built on first use)."""
         fn = self.call_deciders.get(name)
         if fn is None:
-            fn = _call_decider(self, self.candidates("call", name))
+            fn = _decider(self, self.candidates("call", name), "call")
             _memo_put(self.call_deciders, name, fn)
+        return fn
+
+    def visibility_decider(self, name: str) -> CallDecider:
+        """``decider(identity, tool, context, request)`` for one tool name (memoized)."""
+        fn = self.visibility_deciders.get(name)
+        if fn is None:
+            fn = _decider(self, self.candidates("visibility", name), "visibility")
+            _memo_put(self.visibility_deciders, name, fn)
+        return fn
+
+    def result_decider(self, name: str) -> CallDecider:
+        """``decider(identity, tool, args, result, context, request)`` for one tool name."""
+        fn = self.result_deciders.get(name)
+        if fn is None:
+            fn = _decider(self, self.candidates("result", name), "result")
+            _memo_put(self.result_deciders, name, fn)
+        return fn
+
+    def model_decider(self, name: str) -> CallDecider:
+        """``decider(identity, model, context, request)`` for one model name (memoized)."""
+        fn = self.model_deciders.get(name)
+        if fn is None:
+            fn = _decider(self, self.candidates("model", name), "model")
+            _memo_put(self.model_deciders, name, fn)
+        return fn
+
+    def context_decider(self) -> CallDecider:
+        """``decider(identity, request)``: the trust a new context starts with."""
+        fn = self.context_fn
+        if fn is None:
+            cl = CandidateList(self.context_rules, self.decide_context_from, None)
+            fn = self.context_fn = _decider(self, cl, "context")
         return fn
 
     def _build_list(self, kind: str, name: str) -> CandidateList:
@@ -1768,13 +1949,16 @@ def _compile_condition(
         return None, None, by_name
     items = cond.items if isinstance(cond, ast.And) else (cond,)
     available = _ROOTS_BY_KIND[cr.kind]
+    cr.roots = frozenset(roots_of(cond) & available)
     hoist: list[ast.Expr] = []
     rest: list[ast.Expr] = []
+    unknown: list[ast.Expr] = []
     for item in items:
         roots = roots_of(item) & available
         (hoist if roots <= {"identity"} else rest).append(item)
         if roots & {"args", "destinations"}:
             cr.uses_unknown = True
+            unknown.append(item)
     h = None
     if hoist:
         cr.hoisted_src = " and ".join(gen.cond(e, cr.kind) for e in hoist)
@@ -1783,7 +1967,49 @@ def _compile_condition(
     if rest:
         cr.residual_src = " and ".join(gen.cond(e, cr.kind) for e in rest)
         r = gen.function(_PARAMS, cr.residual_src)
+    if unknown and cr.kind in ("call", "tool"):
+        known = [e for e in rest if not any(e is u for u in unknown)]
+        cr.known_src = " and ".join(gen.cond(e, cr.kind) for e in known) if known else None
+        cr.unknown_static = all(_always_unknown(e) for e in unknown)
     return h, r, by_name
+
+
+def _always_unknown(e: ast.Expr) -> bool:
+    """Whether the walker, with the arguments unknown, finds ``e`` unknown whatever else it reads.
+
+    For call and tool rules (which see ``args`` and ``destinations``). Mirrors
+    ``Walker.truth``: a comparison is false when an operand is missing, else
+    unknown when an operand is unknown; so an argument compared with something
+    that cannot be missing (a literal, a list, a set) is always unknown.
+    """
+    if isinstance(e, ast.Path):
+        return e.root in ("args", "destinations")
+    if isinstance(e, ast.Not):
+        return _always_unknown(e.operand)
+    if isinstance(e, (ast.And, ast.Or)):
+        return all(_always_unknown(i) for i in e.items)
+    if isinstance(e, ast.From):
+        return _unknown_value(e.value)
+    if isinstance(e, ast.Compare):
+        if e.op in ("matches", "like"):
+            return _unknown_value(e.left)
+        return (_unknown_value(e.left) and _never_missing(e.right)) or (
+            _unknown_value(e.right) and _never_missing(e.left)
+        )
+    return False
+
+
+def _unknown_value(e: ast.Expr) -> bool:
+    if isinstance(e, ast.Path):
+        return e.root in ("args", "destinations")
+    if isinstance(e, ast.ListExpr):
+        return any(_unknown_value(i) for i in e.items)
+    return False
+
+
+def _never_missing(e: ast.Expr) -> bool:
+    # A set reference always resolves: an undefined one fails compilation.
+    return isinstance(e, (ast.Lit, ast.ListExpr, ast.SetRef)) or _unknown_value(e)
 
 
 def decision_with_trace(d: Decision, trace: Sequence[RuleTrace]) -> Decision:

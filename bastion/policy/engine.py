@@ -333,47 +333,30 @@ class Policy:
         """SHOW or HIDE: hide > show > whether some call could be allowed (args unknown)."""
         cp = self._loaded.compiled
         try:
-            name = _name(tool)
-            cl = cp.candidates("visibility", name)
-            t = cl.tool_view if isinstance(tool, str) else cp.tool_view_for(tool)
             if explain:
-                results, traces = cp.explain_rules(
-                    cl.rules,
-                    lambda r: Env(r.kind, identity, UNKNOWN, t, context, request, None, cp.sets),
-                )
-                return decision_with_trace(cp.decide_visibility_from(results), traces)
-            truths: list[Any] = []
-            for r in cl.rules:
-                truths.append(self._partial(cp, r, identity, t, context, request))
-            key = tuple(0 if v is False else 1 if v is True else 2 for v in truths)
-            d = cl.decisions.get(key)
-            if d is None:
-                d = cp.decide_visibility_from(list(zip(cl.rules, truths, strict=True)))
-                if len(cl.decisions) >= 256:
-                    cl.decisions.clear()
-                cl.decisions[key] = d
-            return d
+                return self._explain_visibility(cp, identity, tool, context, request)
+            name = tool if type(tool) is str else _name(tool)
+            fn = cp.visibility_deciders.get(name) or cp.visibility_decider(name)
+            return fn(identity, tool, context, request)
         except Exception:
             log.exception("policy evaluation failed for visibility of %s; hiding", _label(tool))
             return fail_closed(EventKind.VISIBILITY)
 
     @staticmethod
-    def _partial(
+    def _explain_visibility(
         cp: CompiledPolicy,
-        r: CRule,
         identity: Identity,
-        t: Any,
+        tool: str | ToolSpec,
         context: Context,
         request: RequestInfo | None,
-    ) -> Any:
-        if r.condition is None:
-            return True
-        if r.uses_unknown:
-            env = Env(r.kind, identity, UNKNOWN, t, context, request, None, cp.sets)
-            return cp.walker.truth(r.condition, env)
-        if r.hoisted is not None and not cp.hoisted(r, identity):
-            return False
-        return r.residual is None or bool(r.residual(identity, _NO_ARGS, t, context, request, None))
+    ) -> Decision:
+        cl = cp.candidates("visibility", _name(tool))
+        t = cl.tool_view if isinstance(tool, str) else cp.tool_view_for(tool)
+        results, traces = cp.explain_rules(
+            cl.rules,
+            lambda r: Env(r.kind, identity, UNKNOWN, t, context, request, None, cp.sets),
+        )
+        return decision_with_trace(cp.decide_visibility_from(results), traces)
 
     def visible_tools(
         self,
@@ -406,22 +389,18 @@ class Policy:
         try:
             if args is None:
                 args = _NO_ARGS
-            name = _name(tool)
-            cl = cp.candidates("result", name)
-            t = cl.tool_view if isinstance(tool, str) else cp.tool_view_for(tool)
-            x = result_view(result)
             if explain:
+                cl = cp.candidates("result", _name(tool))
+                t = cl.tool_view if isinstance(tool, str) else cp.tool_view_for(tool)
+                x = result_view(result)
                 results, traces = cp.explain_rules(
                     cl.rules, lambda r: Env(r.kind, identity, args, t, context, request, x, cp.sets)
                 )
                 d = cp.decide_result_from([r for r, v in results if v is True])
                 return decision_with_trace(d, traces)
-            key = tuple(
-                r.index
-                for r in cl.rules
-                if self._holds(cp, r, identity, args, t, context, request, x)
-            )
-            return cl.decision(key, cp.by_index)
+            name = tool if type(tool) is str else _name(tool)
+            fn = cp.result_deciders.get(name) or cp.result_decider(name)
+            return fn(identity, tool, args, result, context, request)
         except Exception:
             log.exception("policy evaluation failed for the result of %s; blocking", _label(tool))
             return fail_closed(EventKind.RESULT)
@@ -439,21 +418,17 @@ class Policy:
         cp = self._loaded.compiled
         try:
             name = model if isinstance(model, str) else model.name
-            cl = cp.candidates("model", name)
-            x = model_view(model)
             if explain:
+                cl = cp.candidates("model", name)
+                x = model_view(model)
                 results, traces = cp.explain_rules(
                     cl.rules,
                     lambda r: Env(r.kind, identity, MISSING, None, context, request, x, cp.sets),
                 )
                 d = cp.decide_model_from([r for r, v in results if v is True])
                 return decision_with_trace(d, traces)
-            key = tuple(
-                r.index
-                for r in cl.rules
-                if self._holds(cp, r, identity, _NO_ARGS, None, context, request, x)
-            )
-            return cl.decision(key, cp.by_index)
+            fn = cp.model_deciders.get(name) or cp.model_decider(name)
+            return fn(identity, model, context, request)
         except Exception:
             log.exception("policy evaluation failed for model %s; forbidding", _label(model))
             return fail_closed(EventKind.MODEL)
@@ -468,22 +443,16 @@ class Policy:
         """The trust a new context starts with: untrusted > trusted > default (trusted)."""
         cp = self._loaded.compiled
         try:
-            rules = cp.context_rules
             if explain:
                 results, traces = cp.explain_rules(
-                    rules,
+                    cp.context_rules,
                     lambda r: Env(
                         r.kind, identity, MISSING, None, EMPTY_CONTEXT, request, None, cp.sets
                     ),
                 )
                 d = cp.decide_context_from([r for r, v in results if v is True])
                 return decision_with_trace(d, traces)
-            matched = [
-                r
-                for r in rules
-                if self._holds(cp, r, identity, _NO_ARGS, None, EMPTY_CONTEXT, request, None)
-            ]
-            return cp.decide_context_from(matched)
+            return (cp.context_fn or cp.context_decider())(identity, request)
         except Exception:
             log.exception("policy evaluation failed for the initial context; untrusted")
             return fail_closed(EventKind.CONTEXT)
