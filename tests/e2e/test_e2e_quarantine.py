@@ -65,6 +65,12 @@ SCHEMA = {
     "required": ["is_invoice", "total", "currency"],
 }
 
+REGION_SCHEMA = {
+    "type": "object",
+    "properties": {"region": {"type": "string", "enum": ["eu-west-1", "us-east-1"]}},
+    "required": ["region"],
+}
+
 POLICY = f"""
 default call allow
 default result trusted
@@ -81,6 +87,9 @@ quarantine result "invoice__fetch" with {json.dumps({"schema": SCHEMA})}
 
 @id("raw-pages-untrusted")
 untrusted result "web__raw"
+
+@id("mcp-settings-extracted")
+quarantine result "read_settings" with {json.dumps({"schema": REGION_SCHEMA})}
 
 @id("mcp-pages-questioned")
 quarantine result "fetch_page" with {json.dumps({"questions": QUESTIONS})}
@@ -285,6 +294,33 @@ def test_openai_without_a_quarantine_service_the_output_is_blocked(
     assert_no_page_text(llm.upstream.last)
 
 
+def test_openai_responses_api_function_call_output_is_quarantined(
+    llm: LLM, guarded: Guard, agent: str, audit: AuditLog
+) -> None:
+    llm.upstream.reply("", MAIL_BOB)
+    client = openai_via_middleware(llm.guarded_url, agent)
+    response = client.responses.create(
+        model="gpt-test",
+        input=[  # type: ignore[arg-type]
+            {"role": "user", "content": USER},
+            {
+                "type": "function_call",
+                "call_id": "call_1",
+                "name": "web__fetch",
+                "arguments": json.dumps({"url": "https://acme.example/inv"}),
+            },
+            {"type": "function_call_output", "call_id": "call_1", "output": PAGE},
+        ],
+    )
+    outputs = [i for i in llm.upstream.last["input"] if i.get("type") == "function_call_output"]
+    assert len(outputs) == 1
+    assert outputs[0]["output"].startswith("[Bastion quarantine]")
+    assert '-> "an invoice"' in outputs[0]["output"]
+    assert_no_page_text(llm.upstream.last)
+    assert [i.name for i in response.output if i.type == "function_call"] == ["send_email"]
+    assert quarantine_detail(audit, agent, "web__fetch")["error"] is None
+
+
 # ---------------------------------------------------------------- OpenAI, transports
 
 
@@ -466,3 +502,19 @@ async def test_mcp_failing_quarantine_blocks_the_result(
     assert page.is_error
     assert text_of(page) == '[Bastion blocked the output of "fetch_page": quarantine failed]'
     assert quarantine_detail(audit, agent, "fetch_page")["error"]
+
+
+async def test_mcp_quarantined_result_of_a_tool_with_an_output_schema_reaches_the_client(
+    mcp_servers: MCPServers, policy: Policy, audit: AuditLog, naive: Any, agent: str
+) -> None:
+    # read_settings returns structured content and advertises an output schema; the
+    # real mcp client validates results against it, so the quarantined replacement
+    # must still be a result the client accepts.
+    mcp_servers.front("json").use(make_guard(policy, audit, quarantine_for(naive)))
+    async with mcp_client(mcp_servers.url("json"), agent) as client:
+        result = await client.call_tool("read_settings", {})
+    text = text_of(result)
+    assert not result.is_error
+    assert text.startswith("[Bastion quarantine]")
+    assert json.loads(text[text.index("{") :]) == {"region": "eu-west-1"}
+    assert "deploy_token" not in text
