@@ -685,6 +685,10 @@ class _Gen:
         self.consts: dict[tuple[str, str], str] = {}
         self.lines: list[str] = []
         self.funcs: dict[str, str] = {}  # source body -> function name
+        self.roots: dict[frozenset[str], frozenset[str]] = {}  # one object per distinct set
+
+    def interned(self, roots: frozenset[str]) -> frozenset[str]:
+        return self.roots.setdefault(roots, roots)
 
     def const(self, value: Any, key: tuple[str, str]) -> str:
         name = self.consts.get(key)
@@ -1949,28 +1953,35 @@ def _compile_condition(
         return None, None, by_name
     items = cond.items if isinstance(cond, ast.And) else (cond,)
     available = _ROOTS_BY_KIND[cr.kind]
-    cr.roots = frozenset(roots_of(cond) & available)
+    all_roots: set[str] = set()
     hoist: list[ast.Expr] = []
     rest: list[ast.Expr] = []
-    unknown: list[ast.Expr] = []
+    unknown: list[bool] = []  # per item of rest: reads the arguments
     for item in items:
         roots = roots_of(item) & available
-        (hoist if roots <= {"identity"} else rest).append(item)
-        if roots & {"args", "destinations"}:
-            cr.uses_unknown = True
-            unknown.append(item)
+        all_roots |= roots
+        if roots <= {"identity"}:
+            hoist.append(item)
+        else:
+            rest.append(item)
+            unknown.append(bool(roots & {"args", "destinations"}))
+    cr.uses_unknown = any(unknown)
+    cr.roots = gen.interned(frozenset(all_roots))
     h = None
     if hoist:
         cr.hoisted_src = " and ".join(gen.cond(e, cr.kind) for e in hoist)
         h = gen.function("I", cr.hoisted_src)
     r = None
     if rest:
-        cr.residual_src = " and ".join(gen.cond(e, cr.kind) for e in rest)
+        rest_src = [gen.cond(e, cr.kind) for e in rest]
+        cr.residual_src = " and ".join(rest_src)
         r = gen.function(_PARAMS, cr.residual_src)
-    if unknown and cr.kind in ("call", "tool"):
-        known = [e for e in rest if not any(e is u for u in unknown)]
-        cr.known_src = " and ".join(gen.cond(e, cr.kind) for e in known) if known else None
-        cr.unknown_static = all(_always_unknown(e) for e in unknown)
+        if cr.uses_unknown and cr.kind in ("call", "tool"):
+            known = [src for src, u in zip(rest_src, unknown, strict=True) if not u]
+            cr.known_src = " and ".join(known) if known else None
+            cr.unknown_static = all(
+                _always_unknown(e) for e, u in zip(rest, unknown, strict=True) if u
+            )
     return h, r, by_name
 
 

@@ -335,7 +335,7 @@ class Policy:
         try:
             if explain:
                 return self._explain_visibility(cp, identity, tool, context, request)
-            name = tool if type(tool) is str else _name(tool)
+            name = tool if isinstance(tool, str) else tool.name
             fn = cp.visibility_deciders.get(name) or cp.visibility_decider(name)
             return fn(identity, tool, context, request)
         except Exception:
@@ -398,7 +398,7 @@ class Policy:
                 )
                 d = cp.decide_result_from([r for r, v in results if v is True])
                 return decision_with_trace(d, traces)
-            name = tool if type(tool) is str else _name(tool)
+            name = tool if isinstance(tool, str) else tool.name
             fn = cp.result_deciders.get(name) or cp.result_decider(name)
             return fn(identity, tool, args, result, context, request)
         except Exception:
