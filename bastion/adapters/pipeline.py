@@ -101,7 +101,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -298,6 +298,28 @@ def _without(headers: Headers, names: frozenset[str]) -> Headers:
     return [(k, v) for k, v in headers if k not in names]
 
 
+def _with_attributes(context: Context, **attributes: Any) -> Context:
+    return Context(
+        tainted=context.tainted,
+        taint_sources=context.taint_sources,
+        session=context.session,
+        turn=context.turn,
+        user_texts=context.user_texts,
+        trusted_texts=context.trusted_texts,
+        untrusted_texts=context.untrusted_texts,
+        attributes={**context.attributes, **attributes},
+    )
+
+
+def _store_unavailable() -> ProtocolError:
+    # The store's own message may name hosts and ports: the log has it, the client does not.
+    return ProtocolError(
+        "Bastion's session store is unavailable, so the request could not be checked",
+        status=503,
+        code="store_unavailable",
+    )
+
+
 def _denial(kind: EventKind, code: str, reason: str) -> Decision:
     effect = Effect.BLOCK if kind is EventKind.RESULT else Effect.FORBID
     return Decision(kind, effect, rule_ids=(f"bastion:{code}",), reasons=(reason,))
@@ -385,6 +407,10 @@ class CatalogEntry:
     spec: ToolSpec
     advertised_by: str
     expires: float
+    # The listing that carried it differed from the server's pinned definitions.
+    pins_drifted: bool = False
+    # This tool itself was added or changed since the pin.
+    pin_changed: bool = False
 
 
 class ToolCatalog:
@@ -414,14 +440,23 @@ class ToolCatalog:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def remember(self, specs: Iterable[ToolSpec], advertised_by: str) -> None:
-        """Record (or refresh) the listed tools, by their qualified names."""
+    def remember(
+        self,
+        specs: Iterable[ToolSpec],
+        advertised_by: str,
+        *,
+        pins_drifted: bool = False,
+        pin_changed: Collection[str] = (),
+    ) -> None:
+        """Record (or refresh) the listed tools, by their qualified names, with their pin state."""
         expires = time.monotonic() + self.ttl
         with self._lock:
             entries = self._entries
             for spec in specs:
                 entries.pop(spec.name, None)  # re-inserted last: the newest listing
-                entries[spec.name] = CatalogEntry(spec, advertised_by, expires)
+                entries[spec.name] = CatalogEntry(
+                    spec, advertised_by, expires, pins_drifted, spec.name in pin_changed
+                )
             while len(entries) > self.max_size:
                 del entries[next(iter(entries))]
             if len(self._enriched) > self.max_size:
@@ -809,6 +844,9 @@ class Exchange:
             extra = list(exc.headers.items())
         elif isinstance(exc, ProtocolError):
             proto_exc, extra = exc, []
+        elif isinstance(exc, StoreError):
+            log.error("session store failure; denying: %s", exc)
+            proto_exc, extra = _store_unavailable(), []
         else:
             log.exception("unexpected error in the guard pipeline; denying", exc_info=exc)
             proto_exc = ProtocolError(
@@ -1370,7 +1408,16 @@ class Exchange:
                     # The policy sees the gateway's names (server__tool) on every route.
                     call = ToolCall(call.id, qualified_name(server, own_name), call.arguments)
                 spec = guard.spec_for(call.name, server)
-                outcome = await self.decide_call(call, spec, None, label=own_name)
+                entry = guard.catalog.entry(call.name) if len(guard.catalog) else None
+                if entry is not None and entry.pins_drifted:
+                    base = self.context
+                    self.context = _with_attributes(
+                        base, pins_drifted=True, pin_changed=entry.pin_changed
+                    )
+                    outcome = await self.decide_call(call, spec, None, label=own_name)
+                    self.context = base
+                else:
+                    outcome = await self.decide_call(call, spec, None, label=own_name)
                 if not outcome.allowed:
                     self.local_answers.append(self._refusal(message.id, outcome, post.revision))
                     continue
@@ -1460,29 +1507,22 @@ class Exchange:
                 name = qualified_name(server, s.name)
                 own_names[name] = s.name
                 specs.append(dataclasses.replace(s, name=name))
-        guard.catalog.remember(specs, self.info.path)
         pin_server = f"{server or self.info.path}#{cursor or ''}"
         # Pinned as the server itself names its tools.
         report = await guard.session.pins.check(pin_server, own_specs)
         drifted = {qualified_name(server, n) for n in (*report.added, *report.changed)}
+        # Calls see the pin state of the listing that last carried their tool.
+        guard.catalog.remember(
+            specs, self.info.path, pins_drifted=report.drifted, pin_changed=drifted
+        )
         keep: list[str] = []
         base = self.context
         for spec in specs:
             own = own_names.get(spec.name, spec.name)
             context = base
             if report.drifted:
-                context = Context(
-                    tainted=base.tainted,
-                    taint_sources=base.taint_sources,
-                    session=base.session,
-                    user_texts=base.user_texts,
-                    trusted_texts=base.trusted_texts,
-                    untrusted_texts=base.untrusted_texts,
-                    attributes={
-                        **base.attributes,
-                        "pins_drifted": True,
-                        "pin_changed": spec.name in drifted,
-                    },
+                context = _with_attributes(
+                    base, pins_drifted=True, pin_changed=spec.name in drifted
                 )
             decide = guard.policy.decide_visibility
             decision = decide(self.identity, spec, context, request=self.info)
@@ -1841,7 +1881,13 @@ class ResponseGuard:
         else:
             if not isinstance(exc, ProtocolError | StoreError):
                 log.exception("unexpected error in a guarded stream; ending it", exc_info=exc)
-            proto = exc if isinstance(exc, ProtocolError) else None
+            proto = (
+                exc
+                if isinstance(exc, ProtocolError)
+                else _store_unavailable()
+                if isinstance(exc, StoreError)
+                else None
+            )
             code = proto.code if proto else "internal_error"
             message = proto.message if proto else "Bastion could not check this stream"
             kind = "api_error"
