@@ -35,7 +35,8 @@ an HTTP error with ``refusal="error"``.
 MCP routes: ``tools/call`` decided before it reaches the server (refusal as an
 ``isError`` result, or a JSON-RPC error with ``mcp_refusal="error"``),
 ``tools/list`` results filtered (and pinned: drift shows in the audit and as
-``context.pin_changed`` / ``context.pins_drifted``), ``tools/call`` results
+``context.pin_changed`` / ``context.pins_drifted``, for the listing and for
+later calls of the tools it carried), ``tools/call`` results
 classified and tainting the MCP session (``bastion.session.SessionKey``:
 ``Mcp-Session-Id`` in handshake revisions, the ``conversation_header`` or the
 identity in 2026-07-28). Calls are decided with the session's taint. On a
