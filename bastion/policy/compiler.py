@@ -636,9 +636,10 @@ class CRule:
     residual_src: str | None = None  # the residual's expression, inlined by call deciders
     hoisted_src: str | None = None  # the hoisted part's expression (reads only I)
     roots: frozenset[str] = frozenset()  # the roots the condition reads (that its kind can see)
-    # Visibility of rules that read the arguments: the residual's conjuncts that do
-    # not (two-valued, inlined), and whether every conjunct that does is unknown
-    # whatever the rest of the request (then no walk is needed).
+    # Visibility of rules that read the arguments: when every conjunct that does
+    # is unknown unless some value is missing (see _unknown_unless), the rule is
+    # unknown exactly when ``known_src`` holds (the other conjuncts and those
+    # values' presence; None: always), false otherwise, and is not walked.
     known_src: str | None = None
     unknown_static: bool = False
 
@@ -1978,43 +1979,68 @@ def _compile_condition(
         r = gen.function(_PARAMS, cr.residual_src)
         if cr.uses_unknown and cr.kind in ("call", "tool"):
             known = [src for src, u in zip(rest_src, unknown, strict=True) if not u]
-            cr.known_src = " and ".join(known) if known else None
-            cr.unknown_static = all(
-                _always_unknown(e) for e, u in zip(rest, unknown, strict=True) if u
-            )
+            requirements: list[ast.Expr] | None = []
+            for e, u in zip(rest, unknown, strict=True):
+                if u and requirements is not None:
+                    needed = _unknown_unless(e)
+                    requirements = None if needed is None else requirements + needed
+            if requirements is not None:
+                seen = len(gen.diags)  # these values were generated above: errors are reported
+                known += [f"({gen.value(v, cr.kind)}) is not MISSING" for v in requirements]
+                del gen.diags[seen:]
+                cr.known_src = " and ".join(known) if known else None
+                cr.unknown_static = True
     return h, r, by_name
 
 
-def _always_unknown(e: ast.Expr) -> bool:
-    """Whether the walker, with the arguments unknown, finds ``e`` unknown whatever else it reads.
+def _unknown_unless(e: ast.Expr) -> list[ast.Expr] | None:
+    """With the arguments unknown, is ``e`` unknown except when some value is missing?
 
-    For call and tool rules (which see ``args`` and ``destinations``). Mirrors
+    For the conjuncts of call and tool rules that read ``args`` or
+    ``destinations``. Returns the values (none of which read the arguments) such
+    that ``e`` is false when one of them is missing and unknown otherwise, or
+    None when ``e`` is not of that form (it is then walked). Mirrors
     ``Walker.truth``: a comparison is false when an operand is missing, else
     unknown when an operand is unknown; so an argument compared with something
     that cannot be missing (a literal, a list, a set) is always unknown.
     """
     if isinstance(e, ast.Path):
-        return e.root in ("args", "destinations")
-    if isinstance(e, ast.Not):
-        return _always_unknown(e.operand)
-    if isinstance(e, (ast.And, ast.Or)):
-        return all(_always_unknown(i) for i in e.items)
+        return [] if e.root in ("args", "destinations") else None
+    if isinstance(e, ast.Not):  # not(false) is true: only an always-unknown operand stays so
+        return [] if _unknown_unless(e.operand) == [] else None
+    if isinstance(e, ast.Or):
+        return [] if all(_unknown_unless(i) == [] for i in e.items) else None
+    if isinstance(e, ast.And):
+        out: list[ast.Expr] = []
+        for i in e.items:
+            needed = _unknown_unless(i)
+            if needed is None:
+                return None
+            out += needed
+        return out
     if isinstance(e, ast.From):
-        return _unknown_value(e.value)
+        return [] if _unknown_value(e.value) else None
     if isinstance(e, ast.Compare):
         if e.op in ("matches", "like"):
-            return _unknown_value(e.left)
-        return (_unknown_value(e.left) and _never_missing(e.right)) or (
-            _unknown_value(e.right) and _never_missing(e.left)
-        )
-    return False
+            return [] if _unknown_value(e.left) else None
+        for u, other in ((e.left, e.right), (e.right, e.left)):
+            if _unknown_value(u):
+                if _never_missing(other):
+                    return []
+                if not roots_of(other) & {"args", "destinations"}:
+                    return [other]
+        return None
+    return None
 
 
 def _unknown_value(e: ast.Expr) -> bool:
+    """Whether the walker gives UNKNOWN for the value ``e`` when the arguments are unknown."""
     if isinstance(e, ast.Path):
         return e.root in ("args", "destinations")
     if isinstance(e, ast.ListExpr):
         return any(_unknown_value(i) for i in e.items)
+    if isinstance(e, ast.Concat):  # missing wins over unknown in a concatenation
+        return all(_never_missing(i) for i in e.items) and any(_unknown_value(i) for i in e.items)
     return False
 
 

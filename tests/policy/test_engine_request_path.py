@@ -82,6 +82,12 @@ TOOLS: list[str | ToolSpec] = [
         'identity.level > 2 and args.v in ["a", "b"] and tool.readOnlyHint == true',
         "args.v == identity.email",  # missing on one side: false, else unknown
         "args.v in identity.nope",
+        "args.v == identity.sub",
+        'args.v startswith identity.nope and args.w != identity.email and args.x == "x"',
+        'args.owner + "/" + args.repo from untrusted',
+        'identity.nope + args.v == "ab"',
+        "not (args.v == identity.nope)",
+        "args.v == tool.readOnlyHint or args.w",
         "args.v > 3 or context.tainted",  # the walker decides
         '"a" + args.v == "ab"',
         "destinations has identity.email",
