@@ -13,10 +13,11 @@ condition that read only ``identity.*`` are split off and evaluated once per
 identity; a repeat identity skips them. So deciding costs a few dict lookups
 plus the candidates' remaining conditions, whatever the total rule count.
 
-The same module holds the slow path used for ``explain=True`` and for
-visibility (partial evaluation with the arguments unknown): an AST walker over
-the same operator functions, so both paths share one definition of every
-operator. ``tests/policy/reference.py`` is an independent interpreter, and the
+The same module holds the slow path used for ``explain=True`` and for the
+visibility candidates whose argument conditions cannot be settled statically
+(partial evaluation with the arguments unknown): an AST walker over the same
+operator functions, so both paths share one definition of every operator.
+``tests/policy/reference.py`` is an independent interpreter, and the
 differential test checks the two agree.
 """
 
@@ -1288,16 +1289,18 @@ def _memo_put(memo: dict[str, Any], name: str, cl: Any) -> None:
     memo[name] = cl
 
 
-# ---- call deciders -----------------------------------------------------------------
+# ---- deciders ----------------------------------------------------------------------
 #
-# The hot path. For each tool name, one function generated from the candidate
-# list: each candidate is a bit; the bits of the candidates active for this
+# The hot path. For each tool (or model) name and kind of decision (call,
+# visibility, result, model; the starting context has one), one function
+# generated from the candidate list: each candidate is a bit; the bits of the candidates active for this
 # identity (hoisted identity conditions) come from a per-identity cache; the
 # residual conditions are inlined (no call per rule); the bitmask of the rules
 # that hold picks the decision from a table. Every candidate is still
 # evaluated, because a Decision names every matching rule (winners, overridden
 # and shadow hits), and the bits are in source order, so the table builds
-# exactly the Decision the explain path builds.
+# exactly the Decision the explain path builds. Visibility is three-valued: a
+# second bitmask holds the candidates that are unknown (see CRule.known_src).
 
 CallDecider = Callable[..., Decision]
 """``decider(identity, args, context, request[, tool_view]) -> Decision``."""
