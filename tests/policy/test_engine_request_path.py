@@ -174,7 +174,11 @@ def test_model_decisions_read_the_model_request_like_explain() -> None:
         'allow model "gpt-*" when identity.level >= 3\n'
         "forbid model * when model.max_tokens > 1000 and context.tainted"
     )
-    models = ["gpt-4", ModelRequest("gpt-4", provider="openai", max_tokens=5000), "local"]
+    models: list[str | ModelRequest] = [
+        "gpt-4",
+        ModelRequest("gpt-4", provider="openai", max_tokens=5000),
+        "local",
+    ]
     for who, ctx, model in itertools.product(IDENTITIES, CONTEXTS, models):
         for _ in range(2):
             fast = p.decide_model(who, model, ctx)
