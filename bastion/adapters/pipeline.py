@@ -210,6 +210,8 @@ class PolicyEngine(Protocol):
         explain: bool = False,
     ) -> Decision: ...
 
+    def result_effects(self, tool: str | ToolSpec) -> frozenset[Effect]: ...
+
     def classify_result(
         self,
         identity: Identity,
@@ -1517,6 +1519,7 @@ class Exchange:
             specs, self.info.path, pins_drifted=report.drifted, pin_changed=drifted
         )
         keep: list[str] = []
+        reshaped: set[str] = set()
         base = self.context
         for spec in specs:
             own = own_names.get(spec.name, spec.name)
@@ -1543,7 +1546,20 @@ class Exchange:
                 guard.audit(self.event(decision, spec.name, detail=detail))
             if decision.effect is Effect.SHOW:
                 keep.append(own)
-        return MCPCodec.filter_tools(result, keep)
+                if Effect.QUARANTINE in guard.policy.result_effects(spec):
+                    reshaped.add(own)
+        listed = MCPCodec.filter_tools(result, keep)
+        if reshaped:
+            # A quarantined output is Bastion's constrained answer, not the tool's
+            # structured result: a client that still held the tool's outputSchema
+            # would reject it, so the schema is not advertised.
+            listed["tools"] = [
+                {k: v for k, v in t.items() if k != "outputSchema"}
+                if t.get("name") in reshaped
+                else t
+                for t in listed["tools"]
+            ]
+        return listed
 
     # -- responses
 

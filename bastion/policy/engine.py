@@ -405,6 +405,18 @@ class Policy:
             log.exception("policy evaluation failed for the result of %s; blocking", _label(tool))
             return fail_closed(EventKind.RESULT)
 
+    def result_effects(self, tool: str | ToolSpec) -> frozenset[Effect]:
+        """Every effect a result of ``tool`` can get: its enforced rules' (whatever their conditions) and the default.
+
+        Adapters use it before the output exists, e.g. to stop advertising an MCP
+        ``outputSchema`` that a ``quarantine`` rule would make the output break.
+        """
+        cp = self._loaded.compiled
+        rules = cp.candidates("result", _name(tool)).rules
+        effects = {Effect(r.effect) for r in rules if not r.shadow}
+        effects.add(cp.default_effect("result"))
+        return frozenset(effects)
+
     def decide_model(
         self,
         identity: Identity,

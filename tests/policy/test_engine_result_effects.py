@@ -1,0 +1,42 @@
+"""Policy.result_effects: what a tool's output may become, before it exists."""
+
+from __future__ import annotations
+
+from bastion import Effect, Policy, ToolSpec
+
+POLICY = """
+default result trusted
+quarantine result "web__fetch" when identity.groups has "contractors"
+@mode("shadow")
+block result "web__fetch"
+untrusted result "github__*"
+redact result *
+"""
+
+
+def test_conditional_rules_count_whatever_their_condition() -> None:
+    effects = Policy.from_source(POLICY).result_effects("web__fetch")
+    assert Effect.QUARANTINE in effects
+
+
+def test_shadow_rules_do_not_count() -> None:
+    assert Effect.BLOCK not in Policy.from_source(POLICY).result_effects("web__fetch")
+
+
+def test_the_default_counts_and_globs_match() -> None:
+    policy = Policy.from_source(POLICY)
+    assert policy.result_effects(ToolSpec.named("github__get_issue")) == {
+        Effect.UNTRUSTED,
+        Effect.REDACT,
+        Effect.TRUSTED,
+    }
+    assert policy.result_effects("slack__read") == {Effect.REDACT, Effect.TRUSTED}
+
+
+def test_a_quarantine_default_reaches_every_tool() -> None:
+    policy = Policy.from_source("default result quarantine\n")
+    assert Effect.QUARANTINE in policy.result_effects("anything")
+
+
+def test_without_a_declared_default_the_builtin_untrusted_counts() -> None:
+    assert Policy.from_source("allow call *\n").result_effects("x") == {Effect.UNTRUSTED}
