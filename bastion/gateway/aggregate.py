@@ -299,7 +299,7 @@ class AggregateMCP:
         authenticate: Authenticate,
         upstream_headers: UpstreamHeaders,
         max_body_bytes: int,
-        on_error: Callable[[Any, str, UpstreamError | RemoteError], None] | None = None,
+        on_error: Callable[[Any, str, UpstreamError | RemoteError | AuthError], None] | None = None,
     ) -> None:
         self.clients = dict(clients)
         self.config = config
@@ -518,7 +518,7 @@ class AggregateMCP:
                     raise tools
                 failures.append(tools)
                 log.warning("tools/list: MCP server %s left out: %s", server, tools)
-                if self._on_error is not None and isinstance(tools, UpstreamError | RemoteError):
+                if self._on_error is not None:
                     self._on_error(auth, f"{server}{SERVER_SEPARATOR}*", tools)
                 continue
             for tool in tools:
@@ -569,7 +569,7 @@ class AggregateMCP:
             return await self._request(
                 session, server, auth, "tools/call", params, retry_expired=False
             )
-        except (UpstreamError, RemoteError) as exc:
+        except (UpstreamError, RemoteError, AuthError) as exc:
             if self._on_error is not None:
                 self._on_error(auth, name, exc)
             raise

@@ -49,7 +49,7 @@ from starlette.types import Receive, Scope, Send
 
 from bastion.adapters.asgi import BastionMiddleware
 from bastion.adapters.pipeline import Route as GuardRoute
-from bastion.errors import AuthError, ProtocolError, UpstreamError
+from bastion.errors import AuthError, BastionError, ProtocolError, UpstreamError
 from bastion.events import (
     AuditEvent,
     Decision,
@@ -204,6 +204,30 @@ class Gateway:
         except Exception:
             # The answer is already on its way; losing this record is logged, not hidden.
             log.exception("could not audit the upstream exchange for %s", target)
+
+    def audit_refusal(
+        self, identity: Identity, target: str, protocol: str, scope: Scope, exc: BastionError
+    ) -> None:
+        """Audit a request the gateway refused itself (e.g. the on-behalf-of exchange failed)."""
+        code = str(getattr(exc, "code", type(exc).__name__))
+        message = str(getattr(exc, "message", exc))
+        state = _guard_state(scope) or {}
+        client = scope.get("client")
+        info = RequestInfo(
+            method=scope.get("method", "POST"),
+            path=scope.get("path", "/"),
+            client=f"{client[0]}:{client[1]}" if client else None,
+            protocol=protocol,
+            id=state.get("request_id") or RequestInfo().id,
+        )
+        decision = Decision(
+            EventKind.CALL, Effect.FORBID, rule_ids=(f"bastion:{code}",), reasons=(message,)
+        )
+        detail = {"error": code, "error_message": message}
+        try:
+            self.on_decision(AuditEvent(decision, identity, target, protocol, info, detail=detail))
+        except Exception:
+            log.exception("could not audit the refusal for %s", target)
 
     # -- identity
 
@@ -439,6 +463,7 @@ class MCPProxy:
             auth = await gw.authenticate(scope)
             extra = await gw.mcp_headers(server, auth)
         except (ProtocolError, AuthError, UpstreamError) as exc:
+            gw.audit_refusal(identity, f"{server}__*", "mcp", scope, exc)
             status, message, code, headers = _error_status(exc)
             await send_error(send, "mcp", status, message, code, request_ids=ids, headers=headers)
             return
@@ -717,9 +742,14 @@ def build_app(
                 for name, server in config.mcp.items()
             }
 
-            def on_error(auth: Any, target: str, exc: UpstreamError | RemoteError) -> None:
-                if isinstance(exc, UpstreamError):
-                    scope: Scope = {"method": "POST", "path": "/mcp"}
+            def on_error(
+                auth: Any, target: str, exc: UpstreamError | RemoteError | AuthError
+            ) -> None:
+                scope: Scope = {"method": "POST", "path": "/mcp"}
+                if isinstance(exc, AuthError):
+                    # e.g. the on-behalf-of exchange failed: the gateway refused.
+                    gw.audit_refusal(auth.identity, target, "mcp", scope, exc)
+                elif isinstance(exc, UpstreamError):
                     server, _, _ = target.partition("__")
                     gw.audit_exchange(
                         auth.identity, target, "mcp", scope, None, server=server, error=exc
