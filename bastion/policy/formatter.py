@@ -88,6 +88,38 @@ def _object(obj: dict[str, Any] | Sequence[tuple[str, Any]]) -> str:
     return "{" + inner + "}"
 
 
+def _value_lines(value: Any, lead: str, tail: str, indent: str, width: int) -> list[str]:
+    """``lead + value + tail``, with an object or list too long for its line broken open.
+
+    Broken, each key or item goes on its own line one indent deeper than ``indent``
+    (the indentation of the line it opens on), with a trailing comma, and the
+    closing bracket comes back to ``indent``; nested values break the same way,
+    and only where they do not fit.
+    """
+    flat = lead + _literal(value) + tail
+    if len(flat) <= width:
+        return [flat]
+    inner = indent + INDENT
+    if isinstance(value, dict) and value:
+        body = [
+            line
+            for k, v in value.items()
+            for line in _value_lines(v, f"{inner}{quote(k)}: ", ",", inner, width)
+        ]
+        return [lead + "{", *body, indent + "}" + tail]
+    if isinstance(value, list | tuple) and value:
+        body = [line for v in value for line in _value_lines(v, inner, ",", inner, width)]
+        return [lead + "[", *body, indent + "]" + tail]
+    return [flat]
+
+
+@dataclass(frozen=True)
+class _Value:
+    """A clause argument that is plain data (``at``, ``using``, ``with``)."""
+
+    value: Any
+
+
 def _path(p: ast.Path) -> str:
     out = p.root
     for part in p.parts:
@@ -150,13 +182,41 @@ def format_expr(e: ast.Expr) -> str:
     return " or ".join(_sub(i, _AND) for i in e.items)
 
 
-def _expr_lines(e: ast.Expr, indent: str) -> list[str]:
-    """A long ``and``/``or`` chain broken before each operator."""
+def _operand_lines(e: ast.Expr, lead: str, tail: str, indent: str, width: int) -> list[str]:
+    """``lead + e + tail``, a list literal that ends ``e`` broken open when too long.
+
+    A list is broken as in :func:`_value_lines`; so is the list on the right of a
+    comparison (``args.x in [...]``). Anything else stays on one line.
+    """
+    flat = lead + format_expr(e) + tail
+    if len(flat) <= width:
+        return [flat]
+    if isinstance(e, ast.ListExpr) and e.items:
+        inner = indent + INDENT
+        body = [line for i in e.items for line in _operand_lines(i, inner, ",", inner, width)]
+        return [lead + "[", *body, indent + "]" + tail]
+    if isinstance(e, ast.Compare) and isinstance(e.right, ast.ListExpr):
+        left = f"{lead}{_sub(e.left, _SUM)} {e.op} "
+        return _operand_lines(e.right, left, tail, indent, width)
+    return [flat]
+
+
+def _expr_lines(e: ast.Expr, lead: str, width: int) -> list[str]:
+    """A long condition after ``lead``: an ``and``/``or`` chain broken before each
+    operator, and long list literals in it broken open."""
+    indent = lead[: len(lead) - len(lead.lstrip())]
     if isinstance(e, ast.And | ast.Or):
         word, floor = ("and", _NOT) if isinstance(e, ast.And) else ("or", _AND)
-        first, *rest = e.items
-        return [_sub(first, floor)] + [f"{indent}{word} {_sub(i, floor)}" for i in rest]
-    return [format_expr(e)]
+        deeper = indent + INDENT
+        out: list[str] = []
+        for n, item in enumerate(e.items):
+            item_lead, item_indent = (lead, indent) if n == 0 else (f"{deeper}{word} ", deeper)
+            if _level(item) < floor:
+                out.append(item_lead + _sub(item, floor))
+            else:
+                out.extend(_operand_lines(item, item_lead, "", item_indent, width))
+        return out
+    return _operand_lines(e, lead, "", indent, width)
 
 
 # ---- statements --------------------------------------------------------------
@@ -185,18 +245,18 @@ def _window(seconds: int) -> str:
     return f"{seconds}s"
 
 
-def _clauses(stmt: ast.Rule | ast.LimitRule) -> list[tuple[str, ast.Expr | str]]:
-    """(keyword, argument) pairs in canonical order; an Expr argument may wrap."""
-    out: list[tuple[str, ast.Expr | str]] = []
+def _clauses(stmt: ast.Rule | ast.LimitRule) -> list[tuple[str, ast.Expr | _Value | str]]:
+    """(keyword, argument) pairs in canonical order; an Expr or _Value argument may wrap."""
+    out: list[tuple[str, ast.Expr | _Value | str]] = []
     if isinstance(stmt, ast.Rule):
         if stmt.route is not None:
             out.append(("route", quote(stmt.route)))
         if stmt.at:
-            out.append(("at", "[" + ", ".join(quote(p) for p in stmt.at) + "]"))
+            out.append(("at", _Value(list(stmt.at))))
         if stmt.using:
-            out.append(("using", "[" + ", ".join(quote(p) for p in stmt.using) + "]"))
+            out.append(("using", _Value(list(stmt.using))))
         if stmt.options:
-            out.append(("with", _object(stmt.options)))
+            out.append(("with", _Value(_options(stmt.options))))
     elif stmt.by is not None:
         out.append(("by", _path(stmt.by)))
     out.extend(("when", w) for w in stmt.when)
@@ -204,6 +264,26 @@ def _clauses(stmt: ast.Rule | ast.LimitRule) -> list[tuple[str, ast.Expr | str]]
     if stmt.reason is not None:
         out.append(("reason", quote(stmt.reason)))
     return out
+
+
+def _options(options: Sequence[tuple[str, Any]]) -> dict[str, Any] | _Pairs:
+    as_dict = dict(options)
+    # The parser rejects a repeated key; an AST built by hand keeps every pair.
+    return as_dict if len(as_dict) == len(options) else _Pairs(tuple(options))
+
+
+@dataclass(frozen=True)
+class _Pairs:
+    pairs: tuple[tuple[str, Any], ...]
+
+
+def _clause_text(arg: ast.Expr | _Value | str) -> str:
+    if isinstance(arg, str):
+        return arg
+    if isinstance(arg, _Value):
+        v = arg.value
+        return _object(v.pairs) if isinstance(v, _Pairs) else _literal(v)
+    return format_expr(arg)
 
 
 def _head(stmt: ast.Rule | ast.LimitRule) -> str:
@@ -217,31 +297,41 @@ def _head(stmt: ast.Rule | ast.LimitRule) -> str:
     )
 
 
-def _rule_lines(stmt: ast.Rule | ast.LimitRule, width: int) -> list[str]:
+def _head_lines(stmt: ast.Rule | ast.LimitRule, width: int) -> list[str]:
+    """The head, its target list broken open when the head is too long."""
     head = _head(stmt)
+    if len(head) <= width or not stmt.target.is_list or stmt.target.set_name is not None:
+        return [head]
+    patterns = list(stmt.target.patterns)
+    if isinstance(stmt, ast.Rule):
+        return _value_lines(patterns, f"{stmt.effect} {stmt.kind} ", "", "", width)
+    tail = head[len(f"limit {stmt.kind} {_target(stmt.target, stmt.kind)}") :]
+    return _value_lines(patterns, f"limit {stmt.kind} ", tail, "", width)
+
+
+def _rule_lines(stmt: ast.Rule | ast.LimitRule, width: int) -> list[str]:
     clauses = _clauses(stmt)
-    flat = [f"{k} {format_expr(a) if not isinstance(a, str) else a}" for k, a in clauses]
-    one_line = " ".join([head, *flat])
+    one_line = " ".join([_head(stmt), *(f"{k} {_clause_text(a)}" for k, a in clauses)])
     lines = [_annotation(a) for a in stmt.annotations]
     if len(one_line) <= width:
         return [*lines, one_line]
-    lines.append(head)
-    for (keyword, arg), text in zip(clauses, flat, strict=True):
-        if len(INDENT + text) > width and not isinstance(arg, str):
-            first, *rest = _expr_lines(arg, INDENT * 2)
-            lines.append(f"{INDENT}{keyword} {first}")
-            lines.extend(rest)
+    lines.extend(_head_lines(stmt, width))
+    for keyword, arg in clauses:
+        lead = f"{INDENT}{keyword} "
+        if isinstance(arg, str):
+            lines.append(lead + arg)
+        elif isinstance(arg, _Value):
+            if isinstance(arg.value, _Pairs):
+                lines.append(lead + _clause_text(arg))
+            else:
+                lines.extend(_value_lines(arg.value, lead, "", INDENT, width))
         else:
-            lines.append(INDENT + text)
+            lines.extend(_expr_lines(arg, lead, width))
     return lines
 
 
 def _set_lines(s: ast.SetDecl, width: int) -> list[str]:
-    items = [_literal(i.value) for i in s.items]
-    one_line = f"{s.set_kind} {s.name} = [" + ", ".join(items) + "]"
-    if len(one_line) <= width or not items:
-        return [one_line]
-    return [f"{s.set_kind} {s.name} = [", *(f"{INDENT}{i}," for i in items), "]"]
+    return _value_lines([i.value for i in s.items], f"{s.set_kind} {s.name} = ", "", "", width)
 
 
 def statement_lines(stmt: ast.Statement, width: int = LINE_WIDTH) -> list[str]:

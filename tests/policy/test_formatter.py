@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from bastion.policy import ast
 from bastion.policy.formatter import format_file, format_source, quote
-from bastion.policy.parser import RULE_EFFECTS, parse_source
+from bastion.policy.parser import RULE_EFFECTS, _parse_exact, _parse_fast, parse_source
 
 PATH = "gen.policy"
 
@@ -93,6 +93,80 @@ def test_long_set_puts_one_item_per_line_with_trailing_comma() -> None:
     assert out.splitlines()[0] == "tools many = ["
     assert out.splitlines()[1] == '    "server_0__tool_with_a_long_name",'
     assert out.splitlines()[-1] == "]"
+
+
+def test_long_with_object_puts_one_key_per_line_and_keeps_short_values_flat() -> None:
+    questions = (
+        '[{"id": "is_bug", "type": "boolean", "text": "Does the issue report a bug?"}, '
+        '{"id": "area", "type": "choice", "text": "Which area does the issue concern?", '
+        '"options": ["documentation", "user interface", "build and install", "other"]}]'
+    )
+    out = roundtrip(f'quarantine result "gh__issue" with {{questions: {questions}}} when true')
+    assert out == (
+        'quarantine result "gh__issue"\n'
+        "    with {\n"
+        '        "questions": [\n'
+        '            {"id": "is_bug", "type": "boolean", "text": "Does the issue report a bug?"},\n'
+        "            {\n"
+        '                "id": "area",\n'
+        '                "type": "choice",\n'
+        '                "text": "Which area does the issue concern?",\n'
+        '                "options": ["documentation", "user interface", "build and install", "other"],\n'
+        "            },\n"
+        "        ],\n"
+        "    }\n"
+        "    when true\n"
+    )
+
+
+def test_long_using_list_puts_one_pattern_per_line() -> None:
+    patterns = [f"(?i)pattern_number_{i}_[a-z0-9]{{8,}}" for i in range(4)]
+    items = ", ".join(quote(p) for p in patterns)
+    out = roundtrip(f'redact result "shell__*" using [{items}]')
+    assert out.splitlines() == [
+        'redact result "shell__*"',
+        "    using [",
+        *(f"        {quote(p)}," for p in patterns),
+        "    ]",
+    ]
+
+
+def test_long_target_list_breaks_open_before_its_clauses() -> None:
+    names = [f"github__delete_thing_number_{i}" for i in range(4)]
+    items = ", ".join(quote(n) for n in names)
+    out = roundtrip(f'forbid call [{items}] reason "r"')
+    assert out.splitlines() == [
+        "forbid call [",
+        *(f"    {quote(n)}," for n in names),
+        "]",
+        '    reason "r"',
+    ]
+
+
+def test_long_limit_target_list_keeps_the_amount_after_it() -> None:
+    names = ", ".join(f'"payments__create_thing_{i}"' for i in range(4))
+    out = roundtrip(f"limit call [{names}] to 5 per 3600s")
+    assert out.splitlines()[0] == "limit call ["
+    assert out.splitlines()[-1] == "] to 5 calls per hour"
+
+
+def test_long_list_in_a_condition_breaks_open() -> None:
+    values = [f"value number {i} of the list" for i in range(4)]
+    items = ", ".join(quote(v) for v in values)
+    out = roundtrip(f'allow call "x" when args.a == 1 and args.kind in [{items}] and args.b')
+    assert out.splitlines() == [
+        'allow call "x"',
+        "    when args.a == 1",
+        "        and args.kind in [",
+        *(f"            {quote(v)}," for v in values),
+        "        ]",
+        "        and args.b",
+    ]
+
+
+def test_comment_inside_a_wrapped_object_moves_above_the_rule() -> None:
+    src = 'quarantine result "r"\n    with {\n        "a": 1,  # the a\n        "b": 2,\n    }\n'
+    assert roundtrip(src) == '# the a\nquarantine result "r" with {"a": 1, "b": 2}\n'
 
 
 def test_only_needed_parentheses_are_kept() -> None:
@@ -234,7 +308,7 @@ json_values = st.recursive(
 
 
 @st.composite
-def annotations(draw: st.DrawFn) -> tuple[ast.Annotation, ...]:
+def annotation_lists(draw: st.DrawFn) -> tuple[ast.Annotation, ...]:
     out = []
     if draw(st.booleans()):
         out.append(ast.Annotation("id", (draw(nonempty.filter(str.strip)),)))
@@ -285,7 +359,7 @@ def rules(draw: st.DrawFn) -> ast.Rule:
         options=tuple(draw(st.dictionaries(texts, json_values, max_size=3)).items())
         if effect == "quarantine"
         else (),
-        annotations=draw(annotations()),
+        annotations=draw(annotation_lists()),
     )
 
 
@@ -306,7 +380,7 @@ def limits(draw: st.DrawFn) -> ast.LimitRule:
         when=when,
         unless=unless,
         reason=draw(st.none() | texts),
-        annotations=draw(annotations()),
+        annotations=draw(annotation_lists()),
     )
 
 
@@ -354,13 +428,90 @@ def test_formatting_a_generated_ast_reads_back_as_the_same_ast(
     assert format_file(parsed, text, width=width) == text
 
 
+long_texts = st.text(max_size=40)
+big_json = st.recursive(
+    long_texts | numbers | st.booleans() | st.none(),
+    lambda c: st.lists(c, max_size=5) | st.dictionaries(long_texts, c, max_size=5),
+    max_leaves=15,
+)
+long_lists: st.SearchStrategy[ast.Expr] = st.builds(
+    ast.ListExpr, st.lists(st.builds(ast.Lit, long_texts) | leaves, max_size=6).map(tuple)
+)
+# Chains whose items often end in a long list: what a condition's wrapping breaks open.
+chain_items = st.one_of(
+    long_lists,
+    st.builds(ast.Compare, st.sampled_from(OPS), leaves, long_lists),
+    st.builds(ast.Compare, st.sampled_from(OPS), leaves, st.builds(ast.Lit, long_texts)),
+    exprs,
+)
+long_conditions = st.one_of(
+    chain_items,
+    st.builds(
+        ast.And,
+        st.lists(
+            chain_items.filter(lambda e: not isinstance(e, ast.And)), min_size=2, max_size=4
+        ).map(tuple),
+    ),
+    st.builds(
+        ast.Or,
+        st.lists(
+            chain_items.filter(lambda e: not isinstance(e, ast.Or)), min_size=2, max_size=4
+        ).map(tuple),
+    ),
+)
+
+
 @st.composite
-def decorated(draw: st.DrawFn) -> tuple[str, list[str]]:
+def data_rules(draw: st.DrawFn) -> ast.Rule:
+    """Result rules with large with/using/at data, long target lists and conditions."""
+    effect = draw(st.sampled_from(["quarantine", "redact"]))
+    when = tuple(draw(st.lists(long_conditions, max_size=2)))
+    patterns = st.lists(long_texts.filter(bool), max_size=6).map(tuple)
+    target = draw(
+        st.builds(lambda p: ast.Target(patterns=p, is_list=True), patterns.filter(bool)) | targets()
+    )
+    return ast.Rule(
+        effect=effect,
+        kind="result",
+        target=target,
+        condition=condition(when, ()),
+        when=when,
+        reason=draw(st.none() | long_texts),
+        at=draw(patterns),
+        using=draw(patterns) if effect == "redact" else (),
+        options=tuple(draw(st.dictionaries(long_texts, big_json, max_size=5)).items())
+        if effect == "quarantine"
+        else (),
+    )
+
+
+data_files = st.builds(
+    lambda stmts: ast.PolicyFile(PATH, None, (), tuple(stmts)),
+    st.lists(data_rules() | limits(), min_size=1, max_size=3),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pf=data_files, width=st.integers(20, 120))
+def test_wrapped_data_and_conditions_read_back_as_the_same_ast_on_both_parse_paths(
+    pf: ast.PolicyFile, width: int
+) -> None:
+    text = format_file(pf, width=width)
+    exact = _parse_exact(text, PATH)
+    assert norm(exact) == norm(pf)
+    fast = _parse_fast(text, PATH)
+    assert fast is None or norm(fast) == norm(pf)
+    assert format_file(exact, text, width=width) == text
+
+
+@st.composite
+def decorated(draw: st.DrawFn) -> tuple[str, list[str], int]:
     """Canonical text with comments, blank lines and indentation sprinkled in."""
-    pf = draw(policy_files())
+    pf = draw(policy_files() | data_files)
+    width = draw(st.sampled_from([40, 100]))
     out: list[str] = []
     comments: list[str] = []
-    for n, line in enumerate(format_file(pf).splitlines()):
+    for n, line in enumerate(format_file(pf, width=width).splitlines()):
         if draw(st.booleans()):
             out.extend([""] * draw(st.integers(1, 2)))
         if draw(st.integers(0, 3)) == 0:
@@ -373,18 +524,18 @@ def decorated(draw: st.DrawFn) -> tuple[str, list[str]]:
             comments.append(text)
             line += "  " + text
         out.append(indent + line)
-    return "\n".join(out), comments
+    return "\n".join(out), comments, width
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=decorated())
 def test_formatting_source_keeps_ast_and_comments_and_is_idempotent(
-    case: tuple[str, list[str]],
+    case: tuple[str, list[str], int],
 ) -> None:
-    text, comments = case
-    once = format_source(text, PATH)
+    text, comments, width = case
+    once = format_source(text, PATH, width=width)
     assert norm(parse_source(once, PATH)) == norm(parse_source(text, PATH))
-    assert format_source(once, PATH) == once
+    assert format_source(once, PATH, width=width) == once
     kept = [c.text for c in parse_source(once, PATH).comments]
     assert kept == comments
 
