@@ -205,6 +205,9 @@ def _expr_lines(e: ast.Expr, lead: str, width: int) -> list[str]:
     """A long condition after ``lead``: an ``and``/``or`` chain broken before each
     operator, and long list literals in it broken open."""
     indent = lead[: len(lead) - len(lead.lstrip())]
+    flat = lead + format_expr(e)
+    if len(flat) <= width:
+        return [flat]
     if isinstance(e, ast.And | ast.Or):
         word, floor = ("and", _NOT) if isinstance(e, ast.And) else ("or", _AND)
         deeper = indent + INDENT

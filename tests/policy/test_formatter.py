@@ -87,6 +87,14 @@ def test_long_condition_breaks_before_each_operator() -> None:
     ]
 
 
+def test_short_chain_in_a_wrapped_rule_stays_on_its_clause_line() -> None:
+    reason = "a reason long enough to push this rule past the line width of one hundred"
+    out = roundtrip(
+        f'ask call * when tool.readOnlyHint == false and context.tainted reason "{reason}"'
+    )
+    assert out.splitlines()[1] == "    when tool.readOnlyHint == false and context.tainted"
+
+
 def test_long_set_puts_one_item_per_line_with_trailing_comma() -> None:
     items = ", ".join(f'"server_{i}__tool_with_a_long_name"' for i in range(4))
     out = roundtrip(f"tools many = [{items}]")
