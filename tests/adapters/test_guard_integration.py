@@ -83,10 +83,11 @@ def _spec(name: str, **annotations: Any) -> ToolSpec:
 
 
 def test_catalog_forgets_a_tool_once_its_ttl_passed() -> None:
-    catalog = ToolCatalog(ttl=0.05)
+    # long enough that a loaded machine cannot expire it before the first read
+    catalog = ToolCatalog(ttl=0.5)
     catalog.remember([_spec("github__create_issue", readOnlyHint=False)], "/mcp")
     assert catalog.get("github__create_issue") is not None
-    time.sleep(0.08)
+    time.sleep(0.55)
     assert catalog.get("github__create_issue") is None
     assert len(catalog) == 0
 

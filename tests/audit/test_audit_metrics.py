@@ -121,11 +121,15 @@ def test_the_trail_feeds_metrics_and_exposes_its_queue_and_drops(tmp_path: Path)
     metrics = BastionMetrics()
     slow = SlowSink(JsonlSink(tmp_path / "audit.jsonl"), delay=10.0)
     trail = AuditTrail([slow], queue_size=5, on_overflow="drop", metrics=metrics)
-    for _ in range(12):
+    # One record in the writer's hands first, so exactly the queue's 5 wait behind it
+    # (otherwise the writer may empty the queue between the last decision and the reads).
+    trail.on_decision(event(Effect.ALLOW))
+    assert slow.entered.wait(5)
+    for _ in range(11):
         trail.on_decision(event(Effect.ALLOW))
     assert sample(metrics, "bastion_audit_queue_depth") == 5
     assert sample(metrics, "bastion_audit_dropped_records_total") == trail.dropped
-    assert trail.dropped >= 6
+    assert trail.dropped == 6
     slow.release.set()
     trail.close()
     written = 12 - trail.dropped

@@ -83,9 +83,13 @@ def test_fail_closed_refuses_decisions_once_the_disk_is_full(tmp_path: Path) -> 
 def test_fail_closed_logs_records_it_could_not_write_at_close(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    trail = AuditTrail([full_disk_sink(tmp_path)], on_overflow="fail_closed")
+    # The sink fails only once both decisions are in: were the first write to fail
+    # before the second decision, fail-closed would (rightly) refuse the second.
+    held = SlowSink(full_disk_sink(tmp_path), delay=10.0)
+    trail = AuditTrail([held], on_overflow="fail_closed")
     trail.on_decision(event(Effect.ALLOW))
     trail.on_decision(event(Effect.ALLOW))
+    held.release.set()
     with caplog.at_level(logging.ERROR, logger="bastion.audit"):
         trail.close(timeout=0.2)
     assert "closed with 2 record(s) not written" in caplog.text

@@ -203,14 +203,19 @@ async def test_unknown_kid_after_genuine_rotation_is_accepted_after_refetch(
 async def test_unknown_kid_without_rotation_is_refused_and_refetch_is_rate_limited(
     idp: IdP, resolver: IdentityResolver
 ) -> None:
+    # Signed up front: RSA signing on a loaded machine must not push the refusals
+    # below past the 0.3 s refetch interval.
+    unknown = idp.token(idp.rsa2)
+    again = idp.token(idp.rsa2, sub="again")
+    concurrent = [idp.token(idp.rsa2, sub=f"c{i}") for i in range(10)]
     await resolver.resolve(bearer(idp.token(idp.rsa1)))
     await asyncio.sleep(0.35)
-    error = await _refused(resolver, idp.token(idp.rsa2))
+    error = await _refused(resolver, unknown)
     assert "unknown signing key" in error.message
     assert idp.state.jwks_hits == 2  # one refetch for the unknown kid
     for _ in range(20):
-        await _refused(resolver, idp.token(idp.rsa2, sub="again"))
-    await asyncio.gather(*(_refused(resolver, idp.token(idp.rsa2, sub=f"c{i}")) for i in range(10)))
+        await _refused(resolver, again)
+    await asyncio.gather(*(_refused(resolver, token) for token in concurrent))
     assert idp.state.jwks_hits == 2  # no further fetch inside the interval
 
 
@@ -239,10 +244,11 @@ async def test_jwks_server_error_is_503_and_retry_waits_for_interval(
     idp: IdP, resolver: IdentityResolver
 ) -> None:
     idp.state.jwks_status = 500
+    first, second = idp.token(), idp.token(sub="second")  # signed before the interval starts
     with pytest.raises(IdentityUnavailable):
-        await resolver.resolve(bearer(idp.token()))
+        await resolver.resolve(bearer(first))
     with pytest.raises(IdentityUnavailable):
-        await resolver.resolve(bearer(idp.token(sub="second")))
+        await resolver.resolve(bearer(second))
     assert idp.state.jwks_hits == 1
     idp.state.jwks_status = 200
     await asyncio.sleep(0.35)
