@@ -133,6 +133,7 @@ from bastion.adapters.wire import (
 )
 from bastion.errors import AuthError, ProtocolError, QuarantineError, StoreError
 from bastion.events import (
+    EMPTY_CONTEXT,
     AuditEvent,
     Context,
     Decision,
@@ -803,7 +804,8 @@ class Exchange:
     route: Route
     info: RequestInfo
     identity: Identity
-    context: Context = field(default_factory=Context)
+    # Shared until the request sets its own (contexts are immutable).
+    context: Context = EMPTY_CONTEXT
     specs: dict[str, ToolSpec] = field(default_factory=dict)
     parsed: Any = None
     session_key: SessionKey | None = None
@@ -1001,16 +1003,24 @@ class Exchange:
     # -- classifying tool output
 
     async def classify(
-        self, result: ToolResult, spec: ToolSpec, *, traced: bool = True
+        self,
+        result: ToolResult,
+        spec: ToolSpec,
+        *,
+        traced: bool = True,
+        decision: Decision | None = None,
     ) -> tuple[Any, bool, str | None]:
         """Classify one tool output; returns (new content or the same, changed, untrusted text).
 
-        Updates ``self.context`` (taint, trusted and untrusted texts).
+        Updates ``self.context`` (taint, trusted and untrusted texts). ``decision``
+        is the policy's classification of this output in the current context, when
+        the caller already has it.
         """
         guard = self.guard
-        decision = guard.policy.classify_result(
-            self.identity, spec, result.arguments, result, self.context, request=self.info
-        )
+        if decision is None:
+            decision = guard.policy.classify_result(
+                self.identity, spec, result.arguments, result, self.context, request=self.info
+            )
         content = result.content
         if (
             traced
@@ -1315,12 +1325,29 @@ class Exchange:
         catalog = guard.catalog
         if tools and len(catalog):
             tools = [catalog.enrich(spec) for spec in tools]
-        self.specs = {spec.name: spec for spec in tools}
-        # Tool outputs in the conversation, in order.
+        self.specs = specs = {spec.name: spec for spec in tools}
+        # Tool outputs in the conversation, in order. The common case (traced output
+        # trusted as it stands) is classify()'s first branch, inlined: a conversation
+        # carries many outputs and a coroutine per output is a good part of their cost.
+        classify_result, info, trusted = guard.policy.classify_result, self.info, Effect.TRUSTED
         for view in req.tool_results:
             result = view.result
-            spec = self.specs.get(result.name) or guard.spec_for(result.name)
-            content, rewritten, _ = await self.classify(result, spec, traced=view.traced)
+            spec = specs.get(result.name) or guard.spec_for(result.name)
+            classified: Decision | None = None
+            if view.traced:
+                classified = classify_result(
+                    identity, spec, result.arguments, result, self.context, request=info
+                )
+                if (
+                    classified.effect is trusted
+                    and not classified.paths
+                    and not classified.redact_patterns
+                ):
+                    self._add_texts(result.name or "<untraced>", None, _plain_text(result.content))
+                    continue
+            content, rewritten, _ = await self.classify(
+                result, spec, traced=view.traced, decision=classified
+            )
             if rewritten:
                 req.replace_tool_result(view.location, content)
                 changed = True
