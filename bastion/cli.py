@@ -220,6 +220,14 @@ def _schema_or_none(path: str | None) -> Schema | None:
         return None  # already reported by the loader
 
 
+def _check(files: Sequence[PolicyFile], schema: Schema | None) -> list[Diagnostic]:
+    # The policy package does not know the redactor's detector and group names.
+    from bastion.policy.checker import check
+    from bastion.redaction import DETECTORS, GROUPS
+
+    return check(files, schema, redaction_names=frozenset((*DETECTORS, *GROUPS)))
+
+
 def check_main(argv: list[str]) -> int:
     """``bastion check PATH... [--schema FILE] [--strict] [--format text|json]``."""
     parser = _Parser(
@@ -234,7 +242,6 @@ def check_main(argv: list[str]) -> int:
 
     from dataclasses import replace
 
-    from bastion.policy.checker import check
     from bastion.policy.diagnostics import PolicyError
     from bastion.policy.engine import Policy
 
@@ -253,14 +260,14 @@ def check_main(argv: list[str]) -> int:
                 lines = {(d.file, d.line) for d in diags if d.severity == "error"}
                 diags.extend(
                     d
-                    for d in check(parsed, _schema_or_none(args.schema))
+                    for d in _check(parsed, _schema_or_none(args.schema))
                     if (d.file, d.line) not in lines
                 )
         else:
             sources = policy.sources
             rules = policy.rule_count
             loaded_files = policy.files
-            found = check(policy.ast, policy.schema)
+            found = _check(policy.ast, policy.schema)
             at = {(d.file, d.line, d.col, d.severity) for d in found}
             # The compiler finds some of the same problems; keep one report each.
             extra = [d for d in policy.warnings if (d.file, d.line, d.col, d.severity) not in at]

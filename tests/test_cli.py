@@ -188,6 +188,40 @@ def test_check_finds_static_problems_besides_compile_errors(
     assert "rule id 'a' is already used" in err
 
 
+def test_check_reports_bad_redaction_entries_with_a_suggestion(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = policy(
+        tmp_path, 'default result untrusted\nredact result "x__*" using ["emial", "phone("]\n'
+    )
+    code, _, err = run(["check", str(f)], capsys)
+    assert code == 1
+    lines = err.splitlines()
+    assert any(
+        line.startswith(f"{f}:2:1: error: 'using' entry 2 ('phone(')")
+        and line.endswith("did you mean 'phone'?")
+        for line in lines
+    )
+    assert any(
+        line.startswith(f"{f}:2:1: warning: 'using' entry 1 ('emial')")
+        and line.endswith("did you mean 'email'?")
+        for line in lines
+    )
+    assert lines[-1] == "1 error, 1 warning"
+
+
+def test_check_accepts_every_detector_and_group_name_in_using(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bastion.redaction import DETECTORS, GROUPS
+
+    names = ", ".join(f'"{n}"' for n in (*DETECTORS, *GROUPS))
+    f = policy(tmp_path, f'default result untrusted\nredact result "x__*" using [{names}]\n')
+    code, out, err = run(["check", "--strict", str(f)], capsys)
+    assert (code, err) == (0, "")
+    assert out.strip() == "ok: 1 file, 1 rule"
+
+
 def test_check_directory_loads_every_policy_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,12 +6,16 @@ a positioned :class:`Diagnostic` with a ``code``:
 errors (the policy is wrong)
   ``undefined-set``, ``duplicate-set``, ``wrong-set-kind``, ``regex``,
   ``type-mismatch`` (a comparison that can never hold as written), and with a
-  schema ``unknown-attribute``, ``unknown-argument``, ``no-matching-tool``.
+  schema ``unknown-attribute``, ``unknown-argument``, ``no-matching-tool``;
+  with ``redaction_names``, ``redaction-entry`` (a ``redact ... using`` entry
+  that is neither a known detector or group name nor a valid pattern).
 warnings (the policy works but says something it does not mean)
   ``shadowed-rule`` (a rule whose effect can never win), ``redundant-rule``,
   ``duplicate-id``, ``unused-set``, ``conflicting-default``,
   ``unavailable-attribute`` (``args`` in a model rule and the like, always
-  missing), and without a schema ``unknown-attribute`` for the fixed roots
+  missing), ``redaction-name`` (a ``using`` entry that reads as a mistyped
+  detector name but, being a valid pattern, would be matched literally), and
+  without a schema ``unknown-attribute`` for the fixed roots
   (``tool``, ``model``, ``request``, ``result``).
 
 Types come from literals, from the built-in attributes (``identity.groups`` is a
@@ -20,8 +24,9 @@ list, ``context.tainted`` a boolean) and from the schema when one is given.
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Protocol
@@ -212,10 +217,28 @@ class _RuleInfo:
     patterns: tuple[str, ...] | None  # None: every name
 
 
+# What a detector or group name looks like; a pattern of this shape matches itself.
+_NAME_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*\Z")
+
+
+def _did_you_mean(entry: str, names: Collection[str]) -> str | None:
+    by_lower = {n.lower(): n for n in names}
+    if entry.lower() in by_lower:
+        return by_lower[entry.lower()]
+    close = difflib.get_close_matches(entry.lower(), list(by_lower), n=1, cutoff=0.75)
+    return by_lower[close[0]] if close else None
+
+
 class _Checker:
-    def __init__(self, files: Sequence[ast.PolicyFile], schema: SchemaLike | None) -> None:
+    def __init__(
+        self,
+        files: Sequence[ast.PolicyFile],
+        schema: SchemaLike | None,
+        redaction_names: Collection[str] | None = None,
+    ) -> None:
         self.files = files
         self.schema = schema
+        self.redaction_names = redaction_names
         self.diags: list[Diagnostic] = []
         self.sets: dict[str, ast.SetDecl] = {}
         self.used: set[str] = set()
@@ -354,8 +377,38 @@ class _Checker:
         env = _Env(stmt.kind, tools)
         for e in (*stmt.when, *stmt.unless):
             self.condition(e, env)
+        if self.redaction_names is not None:
+            for n, entry in enumerate(stmt.using, 1):
+                self.redaction_entry(stmt.span, n, entry, self.redaction_names)
         mode = stmt.mode or pf.mode
         return _RuleInfo(stmt, mode == "shadow", patterns)
+
+    def redaction_entry(self, span: ast.Span, n: int, entry: str, names: Collection[str]) -> None:
+        # The AST keeps no position per entry: the rule's, and the entry's number.
+        if entry in names:
+            return
+        # A stray quote or bracket is what makes a name an invalid pattern.
+        bare = entry.strip(" \t\"'()[]{},;.")
+        suggestion = _did_you_mean(bare, names) if _NAME_LIKE.match(bare) else None
+        hint = f"; did you mean {suggestion!r}?" if suggestion is not None else ""
+        where = f"'using' entry {n} ({entry!r})"
+        try:
+            parse_regex(entry)
+        except RegexError as exc:
+            self.report(
+                span,
+                "redaction-entry",
+                f"{where} is neither a redaction detector or group nor a valid "
+                f"pattern: {exc}{hint}",
+            )
+            return
+        if suggestion is not None:
+            self.warn(
+                span,
+                "redaction-name",
+                f"{where} is not a redaction detector or group, so it is a pattern "
+                f"matching that text literally{hint}",
+            )
 
     def limit(self, stmt: ast.LimitRule) -> None:
         _, tools = self.target(stmt.target, stmt.kind, f"{stmt.kind} limit")
@@ -732,10 +785,19 @@ def _target_covers(outer: tuple[str, ...] | None, inner: tuple[str, ...] | None)
     return all(any(_covers(o, i) for o in outer) for i in inner)
 
 
-def check(files: Sequence[ast.PolicyFile], schema: SchemaLike | None = None) -> list[Diagnostic]:
+def check(
+    files: Sequence[ast.PolicyFile],
+    schema: SchemaLike | None = None,
+    *,
+    redaction_names: Collection[str] | None = None,
+) -> list[Diagnostic]:
     """Statically check a policy's files; every finding, sorted by position.
 
     Sets and rule ids are global across ``files`` (the files of one policy,
     includes resolved). ``schema`` is a :class:`bastion.policy.schema.Schema`.
+    ``redaction_names`` are the detector and group names a ``redact ... using``
+    entry may give (``bastion.redaction.DETECTORS`` and ``GROUPS``); any other
+    entry must be a pattern of the linear-time subset. Without them, ``using``
+    entries are not checked (this package does not know the redactor's names).
     """
-    return _Checker(files, schema).run()
+    return _Checker(files, schema, redaction_names).run()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 
@@ -11,6 +13,7 @@ from bastion.policy.diagnostics import Diagnostic
 from bastion.policy.formatter import format_file
 from bastion.policy.parser import parse_source
 from bastion.policy.schema import Schema
+from bastion.redaction import DETECTORS, GROUPS, Redactor
 
 from .test_formatter import policy_files
 
@@ -351,6 +354,80 @@ def test_repeated_rule_is_redundant() -> None:
     assert codes(src) == [("redundant-rule", "warning", 2)]
 
 
+# ---- redact ... using -------------------------------------------------------------
+
+REDACTION_NAMES = frozenset((*DETECTORS, *GROUPS))
+
+
+def using(*entries: str, names: frozenset[str] | None = REDACTION_NAMES) -> list[Diagnostic]:
+    items = ", ".join(json.dumps(e) for e in entries)
+    src = f'default result untrusted\nredact result "files__*" using [{items}]'
+    return check([parse_source(src, "f0.policy")], redaction_names=names)
+
+
+def test_known_names_and_valid_patterns_in_using_are_accepted() -> None:
+    assert using("email", "pii", "secrets", r"(?i)api_?key[=:]\S{8,}", "[0-9]{4}") == []
+
+
+def test_using_entry_neither_a_name_nor_a_valid_pattern_is_a_positioned_error() -> None:
+    (d,) = using("email", "(unclosed")
+    assert (d.code, d.severity, d.file, d.line, d.col) == (
+        "redaction-entry",
+        "error",
+        "f0.policy",
+        2,
+        1,
+    )
+    assert "'using' entry 2 ('(unclosed')" in d.message
+    assert "did you mean" not in d.message
+
+
+def test_pattern_outside_the_linear_subset_is_an_error() -> None:
+    (d,) = using(r"(a)\1")
+    assert (d.code, d.severity) == ("redaction-entry", "error")
+
+
+def test_mistyped_detector_name_is_a_warning_with_a_suggestion() -> None:
+    (d,) = using("emial")
+    assert (d.code, d.severity) == ("redaction-name", "warning")
+    assert "did you mean 'email'?" in d.message
+
+
+def test_group_name_in_the_wrong_case_suggests_the_group() -> None:
+    (d,) = using("PII")
+    assert "did you mean 'pii'?" in d.message
+
+
+def test_invalid_pattern_that_is_a_name_with_a_stray_bracket_gets_a_suggestion() -> None:
+    (d,) = using("github_token)")
+    assert (d.code, d.severity) == ("redaction-entry", "error")
+    assert "did you mean 'github_token'?" in d.message
+
+
+def test_word_far_from_every_name_is_a_plain_pattern() -> None:
+    assert using("internal-project-codename") == []
+
+
+def test_using_entries_are_not_checked_without_redaction_names() -> None:
+    assert using("(unclosed", "emial", names=None) == []
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [("email",), ("pii", "[0-9]+"), ("(unclosed",), ("secrets", "a{2,1}"), (r"\p{Zz}",), ("x*",)],
+)
+def test_checker_errors_exactly_when_the_redactor_rejects_the_entries(
+    entries: tuple[str, ...],
+) -> None:
+    errors = [d for d in using(*entries) if d.severity == "error"]
+    try:
+        Redactor.for_patterns(entries)
+    except ValueError:
+        assert errors
+    else:
+        assert not errors
+
+
 def test_findings_are_sorted_by_position() -> None:
     src = 'values unused = [1]\nallow call nosuch\nallow call "a" when 1 == "1"'
     assert [d.line for d in findings(src)] == [1, 2, 3]
@@ -373,7 +450,7 @@ def test_checker_never_raises_and_always_points_into_the_file(pf: PolicyFile) ->
     parsed = parse_source(text, "gen.policy")
     lines = max(1, text.count("\n"))
     for schema in (None, SCHEMA):
-        for d in check([parsed], schema):
+        for d in check([parsed], schema, redaction_names=REDACTION_NAMES):
             assert d.file == "gen.policy"
             assert 1 <= d.line <= lines and d.col >= 1
             assert d.severity in ("error", "warning")
