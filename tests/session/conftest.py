@@ -8,10 +8,12 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import IO
 
 import pytest
 
@@ -50,16 +52,45 @@ def start_redis() -> RedisServer:
             f"redis-server not found at {REDIS_SERVER} or on PATH: the Redis tests need a real "
             "server (run `make redis`, or set BASTION_REDIS_SERVER)"
         )
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    # The free port is released before redis-server binds it; on a busy machine another
+    # process may take it in between, so a port found taken is replaced, a few times.
+    for _ in range(5):
+        server = _spawn_redis(binary, free_port())
+        if server is not None:
+            return server
+    pytest.fail("redis-server found its port taken five times in a row")
+
+
+def _spawn_redis(binary: str, port: int) -> RedisServer | None:
+    """A redis-server answering on ``port``; None when the port was taken meanwhile."""
+    # redis-server logs to stdout; a file (not a pipe nobody drains) keeps why it stopped.
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        return _await_redis(process, port, log)
+
+
+def _await_redis(process: subprocess.Popen[bytes], port: int, log: IO[bytes]) -> RedisServer | None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            log.seek(0)
+            err = log.read().decode(errors="replace")[-2000:]
+            if "already in use" in err:
+                return None
             pytest.fail(f"redis-server exited at start (code {process.returncode}): {err}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
