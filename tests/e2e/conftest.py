@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -63,7 +64,10 @@ def mcp_servers() -> Iterator[MCPServers]:
 def naive() -> Iterator[Any]:
     """The naive model: ``naive.url(mode)`` with modes naive, slow, fail, envelope."""
     module = load_naive_model()
-    model = module.NaiveModel(port=module.free_port())
+    # uvicorn serves this bound socket, so no other process can take the port meanwhile
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    model = module.NaiveModel(port=sock.getsockname()[1])
     config = uvicorn.Config(
         module.build_app(model),
         host="127.0.0.1",
@@ -72,16 +76,17 @@ def naive() -> Iterator[Any]:
         timeout_graceful_shutdown=1,
     )
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("naive model server did not start")
         time.sleep(0.02)
     yield model
     server.should_exit = True
     thread.join(timeout=5)
+    sock.close()
 
 
 @pytest.fixture(scope="session")

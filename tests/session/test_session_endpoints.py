@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -58,19 +59,23 @@ def serve(store: SessionStore) -> Iterator[ApprovalApi]:
     app = Starlette(
         routes=approval_routes(service, resolve_identity=resolve_identity, authorize=authorize)
     )
-    port = free_port()
+    # uvicorn serves this bound socket, so no other process can take the port meanwhile
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or not thread.is_alive():
             pytest.fail("approval API server did not start")
         time.sleep(0.01)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
         yield ApprovalApi(service, client)
     server.should_exit = True
     thread.join(timeout=5)
+    sock.close()
 
 
 @pytest.fixture
