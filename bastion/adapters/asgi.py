@@ -21,8 +21,17 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from bastion.adapters.pipeline import Exchange, Guard, Headers, Reply, ResponseGuard, Route
+from bastion.adapters.pipeline import (
+    Exchange,
+    Guard,
+    Headers,
+    Reply,
+    ResponseGuard,
+    Route,
+    operation_name,
+)
 from bastion.errors import ProtocolError
+from bastion.events import RequestInfo
 
 __all__ = ["BastionMiddleware"]
 
@@ -68,7 +77,19 @@ class BastionMiddleware:
                 return
             await self.app(scope, receive, send)
             return
-        await GuardResponder(self.app, self.guard, route)(scope, receive, send)
+        responder = GuardResponder(self.app, self.guard, route)
+        if not self.guard.tracing:
+            await responder(scope, receive, send)
+            return
+        # The whole exchange, streamed response included, runs inside the span.
+        with self.guard.tracer.request(
+            protocol=route.protocol,
+            operation=operation_name(route.protocol),
+            request=RequestInfo(
+                method=scope["method"], path=scope["path"], protocol=route.protocol
+            ),
+        ):
+            await responder(scope, receive, send)
 
 
 async def _send_reply(send: Send, reply: Reply) -> None:

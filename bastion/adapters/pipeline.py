@@ -131,6 +131,7 @@ from bastion.adapters.wire import (
     protocol_error_body,
     refusal_text,
 )
+from bastion.audit.tracing import NoopTracer
 from bastion.errors import AuthError, ProtocolError, QuarantineError, StoreError
 from bastion.events import (
     EMPTY_CONTEXT,
@@ -401,6 +402,11 @@ def _select(doc: Any, parts: tuple[str | int, ...]) -> list[tuple[Any, str | int
     return []
 
 
+def operation_name(protocol: str) -> str:
+    """The GenAI ``gen_ai.operation.name`` of a guarded request on a route of ``protocol``."""
+    return "mcp" if protocol == "mcp" else "chat"
+
+
 # ---------------------------------------------------------------- the tool catalog
 
 
@@ -572,8 +578,12 @@ class Guard:
         max_pending: int = 4 * 1024 * 1024,
         catalog: ToolCatalog | None = None,
         max_user_text_bytes: int = 64 * 1024,
+        tracer: Any = None,
     ) -> None:
         self.policy = policy
+        # OpenTelemetry spans (bastion.audit.tracing); the no-op tracer costs nothing.
+        self.tracer = tracer if tracer is not None else NoopTracer()
+        self.tracing = not isinstance(self.tracer, NoopTracer)
         self.identity_source = identity
         self._fixed = identity if isinstance(identity, Identity) else None
         self._routes = _compile_routes(routes)
@@ -614,6 +624,11 @@ class Guard:
     # -- audit
 
     def audit(self, event: AuditEvent) -> None:
+        if self.tracing and event.decision.kind is not EventKind.CALL:
+            # Call decisions have a span around them (Exchange.decide_call); the
+            # others are recorded here, where the ones that matter are audited.
+            with self.tracer.decision(event.decision.kind, event.target) as span:
+                span.set_decision(event.decision)
         if self.on_decision is not None:
             self.on_decision(event)
 
@@ -645,6 +660,18 @@ class Guard:
     # -- identity
 
     async def _authenticate(self, headers: Headers) -> Identity:
+        if not self.tracing:
+            return await self._identify(headers)
+        with self.tracer.identity() as span:
+            try:
+                identity = await self._identify(headers)
+            except Exception as exc:
+                span.set_error(exc)
+                raise
+            span.set_identity(identity)
+            return identity
+
+    async def _identify(self, headers: Headers) -> Identity:
         if self._fixed is not None:
             return self._fixed
         source: Any = self.identity_source
@@ -916,6 +943,17 @@ class Exchange:
         self, call: ToolCall, spec: ToolSpec, error: str | None, *, label: str | None = None
     ) -> _CallOutcome:
         """Decide one complete call; ``label`` is the tool's name in the refusal text."""
+        if not self.guard.tracing:
+            return await self._decide_call(call, spec, error, label=label)
+        with self.guard.tracer.decision(EventKind.CALL, call.name, call_id=call.id) as span:
+            outcome = await self._decide_call(call, spec, error, label=label)
+            if outcome.decision is not None:
+                span.set_decision(outcome.decision)
+            return outcome
+
+    async def _decide_call(
+        self, call: ToolCall, spec: ToolSpec, error: str | None, *, label: str | None = None
+    ) -> _CallOutcome:
         guard, identity = self.guard, self.identity
         shown = label or call.name
         if error is not None:
@@ -1146,13 +1184,16 @@ class Exchange:
             }
         from bastion.quarantine import QuarantineFailed, QuarantineSpec
 
-        try:
-            spec = QuarantineSpec.from_options(decision.options)
-            outcome = await service.run(_plain_text(content), spec, tool=tool)
-        except (QuarantineError, ValueError) as exc:
-            detail = exc.report.as_detail() if isinstance(exc, QuarantineFailed) else {}
-            detail.setdefault("quarantine", {"error": type(exc).__name__})
-            return block_placeholder(tool, "quarantine failed"), detail
+        model = getattr(getattr(service, "config", None), "model", None)
+        with self.guard.tracer.quarantine(tool=tool, model=model) as span:
+            try:
+                spec = QuarantineSpec.from_options(decision.options)
+                outcome = await service.run(_plain_text(content), spec, tool=tool)
+            except (QuarantineError, ValueError) as exc:
+                span.set_error(type(exc).__name__)
+                detail = exc.report.as_detail() if isinstance(exc, QuarantineFailed) else {}
+                detail.setdefault("quarantine", {"error": type(exc).__name__})
+                return block_placeholder(tool, "quarantine failed"), detail
         return outcome.text, outcome.report.as_detail()
 
     def _document(self, content: Any) -> tuple[Any, Callable[[Any], Any]] | None:

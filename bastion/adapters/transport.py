@@ -26,6 +26,8 @@ do not share one Guard (or RedisStore) between sync and async transports.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import sys
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -34,7 +36,15 @@ from typing import Any, TypeVar
 
 import httpx
 
-from bastion.adapters.pipeline import Forward, Guard, Reply, ResponseGuard
+from bastion.adapters.pipeline import (
+    Forward,
+    Guard,
+    Reply,
+    ResponseGuard,
+    Route,
+    operation_name,
+)
+from bastion.events import RequestInfo
 
 __all__ = ["AsyncBastionTransport", "BastionTransport"]
 
@@ -213,6 +223,16 @@ class AsyncBastionTransport(httpx.AsyncBaseTransport):
             if guard.unknown == "deny":
                 return _reply(lib, guard.deny_unrouted(request.method, path))
             return await inner.handle_async_request(request)
+        if not guard.tracing:
+            return await self._guarded(lib, inner, route, request)
+        # A streamed response's tool calls are decided as the caller reads it,
+        # after this span ends; their decision spans join the caller's trace.
+        with guard.tracer.request(**_span_of(route, request)):
+            return await self._guarded(lib, inner, route, request)
+
+    async def _guarded(self, lib: ModuleType, inner: Any, route: Route, request: Any) -> Any:
+        guard = self.guard
+        path = request.url.path
         body = await request.aread()
         headers = _request_headers(request)
         outcome = await guard.request(route, request.method, path, headers, body)
@@ -255,6 +275,18 @@ class AsyncBastionTransport(httpx.AsyncBaseTransport):
             await self._transport.__aexit__(exc_type, exc_value, traceback)
 
 
+def _span_of(route: Route, request: Any) -> dict[str, Any]:
+    """The request span's attributes: the agent's side of the exchange (a client span)."""
+    return {
+        "protocol": route.protocol,
+        "operation": operation_name(route.protocol),
+        "request": RequestInfo(
+            method=request.method, path=request.url.path, protocol=route.protocol
+        ),
+        "kind": "client",
+    }
+
+
 class _BackgroundLoop:
     """The private event loop the sync transport runs the pipeline on."""
 
@@ -279,7 +311,24 @@ class _BackgroundLoop:
         if threading.current_thread() is self.thread:
             coro.close()
             raise RuntimeError("a sync Bastion transport cannot be used from its own loop")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        # The coroutine runs in the caller's context (contextvars), so spans it
+        # opens are children of the caller's current span.
+        context = contextvars.copy_context()
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def finish(task: asyncio.Task[T]) -> None:
+            if task.cancelled():
+                done.cancel()
+            elif (exc := task.exception()) is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result(task.result())
+
+        def start() -> None:
+            context.run(self.loop.create_task, coro).add_done_callback(finish)
+
+        self.loop.call_soon_threadsafe(start)
+        return done.result()
 
 
 class BastionTransport(httpx.BaseTransport):
@@ -311,13 +360,21 @@ class BastionTransport(httpx.BaseTransport):
     def handle_request(self, request: Any) -> Any:
         lib = _library(request)
         inner = self._inner(lib)
-        guard, run = self.guard, self._loop.run
+        guard = self.guard
         path = request.url.path
         route = guard.route(request.method, path)
         if route is None:
             if guard.unknown == "deny":
                 return _reply(lib, guard.deny_unrouted(request.method, path))
             return inner.handle_request(request)
+        if not guard.tracing:
+            return self._guarded(lib, inner, route, request)
+        with guard.tracer.request(**_span_of(route, request)):
+            return self._guarded(lib, inner, route, request)
+
+    def _guarded(self, lib: ModuleType, inner: Any, route: Route, request: Any) -> Any:
+        guard, run = self.guard, self._loop.run
+        path = request.url.path
         body = request.read()
         headers = _request_headers(request)
         outcome = run(guard.request(route, request.method, path, headers, body))

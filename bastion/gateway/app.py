@@ -49,6 +49,7 @@ from starlette.types import Receive, Scope, Send
 
 from bastion.adapters.asgi import BastionMiddleware
 from bastion.adapters.pipeline import Route as GuardRoute
+from bastion.audit.tracing import bastion_tracer
 from bastion.errors import AuthError, BastionError, ProtocolError, UpstreamError
 from bastion.events import (
     AuditEvent,
@@ -809,6 +810,9 @@ def build_app(
             mcp_refusal=config.refusal.mcp,
             conversation_header=config.session.conversation_header,
             max_body_size=config.max_body_bytes,
+            # Spans go to the global OpenTelemetry provider (a no-op until the
+            # process configures an SDK, e.g. with opentelemetry-instrument).
+            tracer=bastion_tracer(),
         )
     ]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
