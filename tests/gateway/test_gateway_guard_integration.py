@@ -129,8 +129,17 @@ async def test_per_server_route_decides_like_the_aggregated_route(
         assert "read untrusted content" in _text(created)
     assert list(outcomes.values()) == [(True, False, False, True)] * 2
     assert [c.tool for c in upstreams.github.calls()[before:]] == ["list_issues"] * 2
-    records = [r for r in gateway.audit_lines() if r["target"] == "github__create_issue"]
-    forbidden = [r for r in records if r["effect"] == "forbid"]
+
+    def forbidden_creates() -> list[dict[str, Any]]:
+        return [
+            r
+            for r in gateway.audit_lines()
+            if r["target"] == "github__create_issue" and r["effect"] == "forbid"
+        ]
+
+    # The audit writer is a background thread: wait for the records to land.
+    wait_for(lambda: len(forbidden_creates()) >= 2)
+    forbidden = forbidden_creates()
     assert len(forbidden) == 2
     assert {r["request"]["path"] for r in forbidden} == {"/mcp/github", "/mcp"}
     first, second = (r["rule_ids"] for r in forbidden)
@@ -177,12 +186,16 @@ def test_model_side_calls_get_the_annotations_mcp_advertised(
         "github__create_issue"
     ]
     assert [t["function"]["name"] for t in upstreams.llm.last["tools"]] == ["github__create_issue"]
-    allowed = [
-        r
-        for r in gateway.audit_lines()
-        if r["target"] == "github__create_issue" and r["effect"] == "allow"
-    ]
-    assert [r["rule_ids"] for r in allowed] == [["additive-writes"]]
+
+    def allowed_creates() -> list[dict[str, Any]]:
+        return [
+            r
+            for r in gateway.audit_lines()
+            if r["target"] == "github__create_issue" and r["effect"] == "allow"
+        ]
+
+    wait_for(lambda: bool(allowed_creates()))  # the audit writer is a background thread
+    assert [r["rule_ids"] for r in allowed_creates()] == [["additive-writes"]]
 
     # After an untrusted read in the conversation, the same call is refused.
     read_call: Any = {
