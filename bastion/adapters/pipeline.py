@@ -1145,7 +1145,8 @@ class Exchange:
     def _add_texts(self, source: str, untrusted: str | None, trusted: str | None) -> None:
         c = self.context
         if untrusted is None:
-            if not trusted:
+            # Trusted output changes nothing but the texts `from` reads.
+            if not trusted or not getattr(self.guard.policy, "reads_provenance", True):
                 return
             self.context = Context(
                 c.tainted,

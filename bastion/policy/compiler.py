@@ -912,6 +912,23 @@ class _Gen:
         return None
 
 
+def has_from(e: ast.Expr) -> bool:
+    """Whether an expression uses provenance (``... from untrusted|user|trusted``)."""
+    stack: list[ast.Expr] = [e]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, ast.From):
+            return True
+        if isinstance(n, (ast.ListExpr, ast.Concat, ast.And, ast.Or)):
+            stack.extend(n.items)
+        elif isinstance(n, ast.Compare):
+            stack.append(n.left)
+            stack.append(n.right)
+        elif isinstance(n, ast.Not):
+            stack.append(n.operand)
+    return False
+
+
 def roots_of(e: ast.Expr) -> set[str]:
     """The roots an expression reads; ``From`` also reads the context's texts."""
     out: set[str] = set()
@@ -1491,6 +1508,7 @@ class CompiledPolicy:
     memo: dict[str, dict[str, CandidateList]] = field(default_factory=dict)
     identity_cache: dict[int, tuple[Identity, dict[int, bool]]] = field(default_factory=dict)
     walker: Walker = field(init=False)
+    reads_provenance: bool = field(init=False)
     tool_views: dict[str, dict[str, Any]] = field(default_factory=dict)
     spec_views: dict[int, tuple[ToolSpec, dict[str, Any], dict[str, Any]]] = field(
         default_factory=dict
@@ -1508,6 +1526,11 @@ class CompiledPolicy:
         self.walker = Walker(self.sets)
         for kind in ("call", "tool", "result", "model", "limit-call", "limit-model", "visibility"):
             self.memo[kind] = {}
+        # Only `from` reads the context's tool-output texts; without it adapters
+        # need not collect them.
+        self.reads_provenance = any(
+            r.condition is not None and has_from(r.condition) for r in self.rules
+        )
 
     # -- effects
     def default_effect(self, kind: str) -> Effect:

@@ -268,6 +268,11 @@ class Policy:
         return self._loaded.compiled.warnings
 
     @property
+    def reads_provenance(self) -> bool:
+        """Whether any rule uses ``from``: only then do tool-output texts matter to decisions."""
+        return self._loaded.compiled.reads_provenance
+
+    @property
     def defaults(self) -> Mapping[str, str]:
         """Declared defaults by kind (``call``, ``result``, ``model``, ``context``)."""
         return dict(self._loaded.compiled.defaults)

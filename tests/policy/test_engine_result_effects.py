@@ -40,3 +40,9 @@ def test_a_quarantine_default_reaches_every_tool() -> None:
 
 def test_without_a_declared_default_the_builtin_untrusted_counts() -> None:
     assert Policy.from_source("allow call *\n").result_effects("x") == {Effect.UNTRUSTED}
+
+
+def test_reads_provenance_only_when_some_rule_uses_from() -> None:
+    assert not Policy.from_source(POLICY).reads_provenance
+    uses = Policy.from_source('forbid call "mail__send" when not (args.to from user)\n')
+    assert uses.reads_provenance
