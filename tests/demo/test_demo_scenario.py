@@ -8,7 +8,9 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import IO
 
 import httpx2
 import pytest
@@ -159,39 +161,53 @@ async def _issue_title(mcp_url: str, tool: str, number: int, token: str | None =
         return str(json.loads(text)["title"])
 
 
-async def test_keep_running_leaves_the_servers_and_bastion_up_until_interrupted() -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bastion.demo", "--keep-running"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+def _exit_status(process: subprocess.Popen[str], stderr: IO[str], timeout: float) -> int:
+    """The exit status; if it does not exit in time, every thread's stack, in the failure."""
     try:
-        assert process.stdout is not None
-        listed: dict[str, str] = {}
-        for line in process.stdout:
-            found = re.match(r"\s+(.+?): (\S+)$", line)
-            if found:
-                listed[found.group(1)] = found.group(2)
-            if "the agent's virtual key" in listed:
-                break
-        github, bastion = listed["GitHub MCP server"], listed["Bastion (bastion serve)"]
-        config = Path(listed["Bastion's configuration"])
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)  # faulthandler prints each thread's stack
+        process.wait(timeout=10)
+        stderr.seek(0)
+        pytest.fail(f"still running {timeout} s after SIGINT:\n{stderr.read()[-12_000:]}")
 
-        direct = await _issue_title(github, "get_issue", 3)
-        through_bastion = await _issue_title(
-            f"{bastion}/mcp", "github__get_issue", 3, listed["the agent's virtual key"]
+
+async def test_keep_running_leaves_the_servers_and_bastion_up_until_interrupted() -> None:
+    # stderr goes to a file: a pipe nobody reads could fill and block the demo, and it
+    # keeps the demo's thread stacks should it not exit in time.
+    with tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bastion.demo", "--keep-running"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
         )
+        try:
+            assert process.stdout is not None
+            listed: dict[str, str] = {}
+            for line in process.stdout:
+                found = re.match(r"\s+(.+?): (\S+)$", line)
+                if found:
+                    listed[found.group(1)] = found.group(2)
+                if "the agent's virtual key" in listed:
+                    break
+            github, bastion = listed["GitHub MCP server"], listed["Bastion (bastion serve)"]
+            config = Path(listed["Bastion's configuration"])
 
-        assert direct == through_bastion == "Improve onboarding for new contributors"
-        assert httpx2.get(f"{bastion}/healthz", timeout=5).status_code == 200
-        assert config.is_file()
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=10) == 0
-        assert not config.exists()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+            direct = await _issue_title(github, "get_issue", 3)
+            through_bastion = await _issue_title(
+                f"{bastion}/mcp", "github__get_issue", 3, listed["the agent's virtual key"]
+            )
+
+            assert direct == through_bastion == "Improve onboarding for new contributors"
+            assert httpx2.get(f"{bastion}/healthz", timeout=5).status_code == 200
+            assert config.is_file()
+            process.send_signal(signal.SIGINT)
+            assert _exit_status(process, stderr, timeout=10) == 0
+            assert not config.exists()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
