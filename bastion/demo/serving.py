@@ -20,6 +20,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 __all__ = ["BackgroundServer"]
 
 _STARTUP_TIMEOUT = 10.0
+_SHUTDOWN_GRACE = 1  # seconds (uvicorn takes an int)
 
 
 class BackgroundServer:
@@ -59,7 +60,15 @@ class BackgroundServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self._port))
         self._socket = sock
-        config = uvicorn.Config(self._app, log_level="warning", lifespan="on", access_log=False)
+        # A client holding a stream open (an MCP SSE stream) would otherwise keep uvicorn
+        # waiting at shutdown until stop()'s join gives up: Ctrl-C took 10 s per server.
+        config = uvicorn.Config(
+            self._app,
+            log_level="warning",
+            lifespan="on",
+            access_log=False,
+            timeout_graceful_shutdown=_SHUTDOWN_GRACE,
+        )
         server = uvicorn.Server(config)
         thread = threading.Thread(
             target=server.run, kwargs={"sockets": [sock]}, name=f"demo-{self.name}", daemon=True
