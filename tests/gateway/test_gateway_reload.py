@@ -90,7 +90,19 @@ def test_a_revoked_key_is_refused_without_restart(
     assert wait_for(refused)
 
 
-def test_graceful_shutdown_flushes_the_audit(gateway: Gateway) -> None:
+def test_graceful_shutdown_flushes_the_audit(start_gateway: Any, upstreams: Upstreams) -> None:
+    # A gateway of its own: the other tests here edit its policy and revoke its key.
+    gateway: Gateway = start_gateway()
+    with httpx2.Client() as http:
+        client = openai.OpenAI(
+            base_url=gateway.url + "/v1", api_key=ALICE, http_client=http, max_retries=0
+        )
+        assert not send_email_passes(client, upstreams)
+        policy_file = gateway.directory / "policy" / "main.policy"
+        policy_file.write_text(
+            POLICY.replace('forbid call "send_email"', 'allow call "send_email"')
+        )
+        assert wait_for(lambda: send_email_passes(client, upstreams))
     assert gateway.stop() == 0
     records = gateway.audit_lines()
     assert any(r["target"] == "send_email" and r["effect"] == "forbid" for r in records)
