@@ -49,19 +49,22 @@ class Observed:
     directory: Path
     gateway_url: str
     agent_key: str
+    audit: list[dict[str, Any]]  # the audit file right after the run (later tests add to it)
 
 
 def _observe(servers: DemoServers, *, stream: bool = False) -> Observed:
     result = asyncio.run(run_with_bastion(servers, stream=stream))
     assert result.audit_file is not None
+    directory = Path(result.audit_file).parent
     return Observed(
         result=result,
         github_calls=servers.github_state.calls(),
         github_writes=servers.github_state.writes(),
         model_requests=servers.model_log.requests(),
-        directory=Path(result.audit_file).parent,
+        directory=directory,
         gateway_url=servers.endpoints["Bastion (bastion serve)"],
         agent_key=servers.agent_key,
+        audit=list(open_log(directory / "audit.jsonl").query(RecordFilter())),
     )
 
 
@@ -136,7 +139,7 @@ def test_the_agent_reports_the_refusal_to_the_user(run2: Observed) -> None:
 def test_the_audit_file_holds_the_blocked_call_with_identity_rule_and_reason(
     run2: Observed,
 ) -> None:
-    forbidden = [r for r in _audit(run2) if r["effect"] == "forbid"]
+    forbidden = [r for r in run2.audit if r["effect"] == "forbid"]
 
     [record] = forbidden
     assert record["kind"] == "call"
@@ -152,9 +155,7 @@ def test_the_audit_file_holds_the_blocked_call_with_identity_rule_and_reason(
 def test_the_reported_audit_is_the_whole_audit_file_and_its_chain_verifies(
     run2: Observed,
 ) -> None:
-    records = _audit(run2)
-
-    assert [line["id"] for line in run2.result.audit] == [r["id"] for r in records]
+    assert [line["id"] for line in run2.result.audit] == [r["id"] for r in run2.audit]
     assert verify_log(open_log(run2.directory / "audit.jsonl")).ok
 
 
