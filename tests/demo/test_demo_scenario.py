@@ -166,10 +166,19 @@ def _exit_status(process: subprocess.Popen[str], stderr: IO[str], timeout: float
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        status = Path(f"/proc/{process.pid}/status")
+        masks = [
+            line
+            for line in (status.read_text().splitlines() if status.exists() else [])
+            if line.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"))
+        ]
         process.send_signal(signal.SIGABRT)  # faulthandler prints each thread's stack
         process.wait(timeout=10)
         stderr.seek(0)
-        pytest.fail(f"still running {timeout} s after SIGINT:\n{stderr.read()[-12_000:]}")
+        pytest.fail(
+            f"still running {timeout} s after SIGINT ({'; '.join(masks)}):\n"
+            f"{stderr.read()[-12_000:]}"
+        )
 
 
 async def test_keep_running_leaves_the_servers_and_bastion_up_until_interrupted() -> None:
