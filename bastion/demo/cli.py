@@ -61,8 +61,12 @@ def _wait_for_interrupt(servers: DemoServers, out: TextIO) -> None:
     for name, url in servers.endpoints.items():
         print(f"  {name}: {url}", file=out)
     out.flush()
+    # Wake up now and then: the kernel may deliver SIGINT to a server thread, and a
+    # main thread blocked in an untimed wait would then never run Python's handler.
+    stop = threading.Event()
     with contextlib.suppress(KeyboardInterrupt):
-        threading.Event().wait()
+        while not stop.wait(0.2):
+            pass
 
 
 def main(argv: list[str] | None = None, *, runs: Sequence[Run] | None = None) -> int:
