@@ -22,8 +22,9 @@ test: $(STAMP) redis lint typecheck unit
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "installing redis-server (Debian package)"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
-	  || echo "warning: redis-server could not be installed; Redis tests will fail"; }
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  ($$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+	  || { echo "error: redis-server could not be installed; the Redis tests need it" >&2; exit 1; }; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check bastion tests benchmarks
@@ -32,7 +33,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy bastion
 
-unit: $(STAMP)
+unit: $(STAMP) redis
 	$(VENV)/bin/bastion test rules/
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
