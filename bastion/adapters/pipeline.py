@@ -82,7 +82,8 @@ tool output that was rewritten (redacted, blocked, quarantined), classified
 untrusted or untraced, the context's initial distrust, and every error. Tools
 shown as offered and tool output trusted as it stands change nothing and are
 not audited one by one (an agent resends its whole conversation and tools list
-every turn; auditing them would repeat the same non-events each request).
+every turn; auditing them would repeat the same non-events each request), unless
+``audit_all=True`` asks for one record per decision.
 Denials (forbid, ask, hide, block) are decided again with ``explain=True``
 before they are audited, so their records carry the decision trace; allowed
 decisions are never explained on the request path.
@@ -579,8 +580,12 @@ class Guard:
         catalog: ToolCatalog | None = None,
         max_user_text_bytes: int = 64 * 1024,
         tracer: Any = None,
+        audit_all: bool = False,
     ) -> None:
         self.policy = policy
+        # Also audit the non-events (tools shown as offered, output trusted as it
+        # stands): one record per decision, at the cost of many per request.
+        self.audit_all = audit_all
         # OpenTelemetry spans (bastion.audit.tracing); the no-op tracer costs nothing.
         self.tracer = tracer if tracer is not None else NoopTracer()
         self.tracing = not isinstance(self.tracer, NoopTracer)
@@ -1065,6 +1070,7 @@ class Exchange:
             and decision.effect is Effect.TRUSTED
             and not decision.paths
             and not decision.redact_patterns
+            and not guard.audit_all
         ):
             # The common case, in short: trusted as it stands (not audited, see above).
             self._add_texts(result.name or "<untraced>", None, _plain_text(content))
@@ -1133,7 +1139,13 @@ class Exchange:
                 # Output no call in the conversation produced: never trust it.
                 untrusted, trusted = _plain_text(content), None
                 detail["untraced"] = True
-        if changed or untrusted is not None or detail or effect is not Effect.TRUSTED:
+        if (
+            changed
+            or untrusted is not None
+            or detail
+            or effect is not Effect.TRUSTED
+            or guard.audit_all
+        ):
             guard.audit(
                 self.event(
                     decision, result.name or "<untraced>", arguments=result.arguments, detail=detail
@@ -1384,6 +1396,7 @@ class Exchange:
                     classified.effect is trusted
                     and not classified.paths
                     and not classified.redact_patterns
+                    and not guard.audit_all
                 ):
                     self._add_texts(result.name or "<untraced>", None, _plain_text(result.content))
                     continue
@@ -1406,6 +1419,8 @@ class Exchange:
                 decision = decide(identity, spec, context, request=info)
                 if decision.effect is show:
                     keep.append(spec.name)
+                    if guard.audit_all:
+                        guard.audit(self.event(decision, spec.name))
                 else:
                     decision = self.traced(
                         decision,
@@ -1605,7 +1620,7 @@ class Exchange:
                     "added": own in report.added,
                     "changed": list(report.changed.get(own, ())),
                 }
-            if decision.effect is not Effect.SHOW or detail:
+            if decision.effect is not Effect.SHOW or detail or guard.audit_all:
                 decision = self.traced(
                     decision,
                     functools.partial(

@@ -813,6 +813,7 @@ def build_app(
             # Spans go to the global OpenTelemetry provider (a no-op until the
             # process configures an SDK, e.g. with opentelemetry-instrument).
             tracer=bastion_tracer(),
+            audit_all=config.audit.all_decisions,
         )
     ]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)

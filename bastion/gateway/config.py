@@ -218,6 +218,8 @@ class AuditConfig(_Model):
     trace_sample_rate: float = Field(default=0.0, ge=0, le=1)
     queue_size: int = Field(default=10_000, gt=0)
     log_decisions: bool = True
+    # Also record tools shown as offered and tool output trusted as it stands.
+    all_decisions: bool = False
 
 
 class SessionConfig(_Model):
