@@ -32,7 +32,7 @@ from typing import Any
 from bastion.adapters.sse import SSEEvent, encode_event
 from bastion.adapters.wire import (
     CallView,
-    Location,
+    LLMRequest,
     ResultView,
     StreamRewriter,
     ToolSpecCache,
@@ -66,23 +66,8 @@ def _texts(content: Any) -> list[str]:
     return []
 
 
-@dataclass
-class MessagesRequest:
+class MessagesRequest(LLMRequest):
     """A parsed messages request; mutate it, then :meth:`to_bytes`."""
-
-    body: dict[str, Any]
-    tools: list[ToolSpec] = field(default_factory=list)
-    tool_results: list[ResultView] = field(default_factory=list)
-    user_texts: tuple[str, ...] = ()
-
-    @property
-    def model(self) -> str | None:
-        model = self.body.get("model")
-        return model if isinstance(model, str) else None
-
-    @property
-    def stream(self) -> bool:
-        return self.body.get("stream") is True
 
     @property
     def max_tokens(self) -> int | None:
@@ -107,16 +92,6 @@ class MessagesRequest:
             elif choice.get("type") == "any" and "tools" not in self.body:
                 self.body.pop("tool_choice", None)
         self.tools = [t for t in self.tools if t.name in keep]
-
-    def replace_tool_result(self, location: Location, content: str | list[Any]) -> None:
-        """Replace a ``tool_result`` block's content (string or content blocks)."""
-        target: Any = self.body
-        for key in location[:-1]:
-            target = target[key]
-        target[location[-1]] = content
-
-    def to_bytes(self) -> bytes:
-        return dumps_compact(self.body)
 
 
 @dataclass

@@ -42,7 +42,7 @@ from bastion.adapters.sse import SSEEvent, encode_event
 from bastion.adapters.wire import (
     CallView,
     LazyArguments,
-    Location,
+    LLMRequest,
     ResultView,
     StreamRewriter,
     ToolSpecCache,
@@ -96,15 +96,6 @@ def _text_of(
     return texts
 
 
-def _set_at(body: Any, location: Location, value: Any) -> None:
-    if not location:
-        raise ValueError("empty location")
-    target = body
-    for key in location[:-1]:
-        target = target[key]
-    target[location[-1]] = value
-
-
 def _join(before: str | None, text: str) -> str:
     return f"{before}\n\n{text}" if before else text
 
@@ -112,23 +103,8 @@ def _join(before: str | None, text: str) -> str:
 # ====================================================================== chat completions
 
 
-@dataclass
-class ChatRequest:
+class ChatRequest(LLMRequest):
     """A parsed chat completions request; mutate it, then :meth:`to_bytes`."""
-
-    body: dict[str, Any]
-    tools: list[ToolSpec] = field(default_factory=list)
-    tool_results: list[ResultView] = field(default_factory=list)
-    user_texts: tuple[str, ...] = ()
-
-    @property
-    def model(self) -> str | None:
-        model = self.body.get("model")
-        return model if isinstance(model, str) else None
-
-    @property
-    def stream(self) -> bool:
-        return self.body.get("stream") is True
 
     def keep_tools(self, names: Collection[str]) -> None:
         """Keep only the named tools (and legacy ``functions``); drop ``tool_choice`` that names a removed one."""
@@ -160,13 +136,6 @@ class ChatRequest:
             if named is not None and named not in keep:
                 self.body["tool_choice"] = "none"
         self.tools = [t for t in self.tools if t.name in keep]
-
-    def replace_tool_result(self, location: Location, content: str | list[Any]) -> None:
-        """Replace one tool output (a ``ResultView.location``) with new content."""
-        _set_at(self.body, location, content)
-
-    def to_bytes(self) -> bytes:
-        return dumps_compact(self.body)
 
 
 def _chat_tool_name(tool: Any) -> str | None:
@@ -624,23 +593,8 @@ def _encode_like(event: SSEEvent, payload: dict[str, Any]) -> bytes:
 # ====================================================================== Responses
 
 
-@dataclass
-class ResponsesRequest:
+class ResponsesRequest(LLMRequest):
     """A parsed Responses API request; mutate it, then :meth:`to_bytes`."""
-
-    body: dict[str, Any]
-    tools: list[ToolSpec] = field(default_factory=list)
-    tool_results: list[ResultView] = field(default_factory=list)
-    user_texts: tuple[str, ...] = ()
-
-    @property
-    def model(self) -> str | None:
-        model = self.body.get("model")
-        return model if isinstance(model, str) else None
-
-    @property
-    def stream(self) -> bool:
-        return self.body.get("stream") is True
 
     def keep_tools(self, names: Collection[str]) -> None:
         """Keep only the named tools (built-in tools are named by their ``type``)."""
@@ -664,12 +618,6 @@ class ResponsesRequest:
             elif named is not None and named not in keep:
                 self.body["tool_choice"] = "none"
         self.tools = [t for t in self.tools if t.name in keep]
-
-    def replace_tool_result(self, location: Location, content: str | list[Any]) -> None:
-        _set_at(self.body, location, content)
-
-    def to_bytes(self) -> bytes:
-        return dumps_compact(self.body)
 
 
 def _responses_tool_name(tool: Any) -> str | None:

@@ -29,7 +29,7 @@ import re
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bastion.adapters.sse import SSEEvent, SSEParser
@@ -46,6 +46,7 @@ __all__ = [
     "JSONRPC_PARSE_ERROR",
     "BodyDecoder",
     "CallView",
+    "LLMRequest",
     "LazyArguments",
     "Location",
     "ResultView",
@@ -364,6 +365,42 @@ class ResultView:
     result: ToolResult
     location: Location
     traced: bool = True
+
+
+@dataclass
+class LLMRequest:
+    """A parsed LLM request (chat, Responses, messages); mutate it, then :meth:`to_bytes`.
+
+    ``tools`` are the offered tools, ``tool_results`` the tool outputs in the
+    conversation, ``user_texts`` the user's and system's own messages. Each
+    protocol's subclass adds ``keep_tools``.
+    """
+
+    body: dict[str, Any]
+    tools: list[ToolSpec] = field(default_factory=list)
+    tool_results: list[ResultView] = field(default_factory=list)
+    user_texts: tuple[str, ...] = ()
+
+    @property
+    def model(self) -> str | None:
+        model = self.body.get("model")
+        return model if isinstance(model, str) else None
+
+    @property
+    def stream(self) -> bool:
+        return self.body.get("stream") is True
+
+    def replace_tool_result(self, location: Location, content: str | list[Any]) -> None:
+        """Replace one tool output (a ``ResultView.location``) with new content."""
+        if not location:
+            raise ValueError("empty location")
+        target: Any = self.body
+        for key in location[:-1]:
+            target = target[key]
+        target[location[-1]] = content
+
+    def to_bytes(self) -> bytes:
+        return dumps_compact(self.body)
 
 
 @dataclass(frozen=True, slots=True)
