@@ -178,6 +178,14 @@ class Annotation:
     span: Span = field(default=NO_SPAN, compare=False)
 
 
+def annotation_text(annotations: tuple[Annotation, ...], name: str) -> str | None:
+    """The string argument of the ``@name(...)`` annotation, if present."""
+    for a in annotations:
+        if a.name == name and a.args and isinstance(a.args[0], str):
+            return a.args[0]
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """What a rule applies to: glob patterns, a named set, or everything.
@@ -225,10 +233,7 @@ class Rule:
 
     @property
     def explicit_id(self) -> str | None:
-        for a in self.annotations:
-            if a.name == "id" and a.args and isinstance(a.args[0], str):
-                return a.args[0]
-        return None
+        return annotation_text(self.annotations, "id")
 
     @property
     def rule_id(self) -> str:
@@ -237,10 +242,7 @@ class Rule:
 
     @property
     def mode(self) -> str | None:
-        for a in self.annotations:
-            if a.name == "mode" and a.args and isinstance(a.args[0], str):
-                return a.args[0]
-        return None
+        return annotation_text(self.annotations, "mode")
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,10 +264,7 @@ class LimitRule:
 
     @property
     def explicit_id(self) -> str | None:
-        for a in self.annotations:
-            if a.name == "id" and a.args and isinstance(a.args[0], str):
-                return a.args[0]
-        return None
+        return annotation_text(self.annotations, "id")
 
     @property
     def rule_id(self) -> str:
@@ -322,7 +321,4 @@ class PolicyFile:
 
     @property
     def mode(self) -> str | None:
-        for a in self.annotations:
-            if a.name == "mode" and a.args and isinstance(a.args[0], str):
-                return a.args[0]
-        return None
+        return annotation_text(self.annotations, "mode")
