@@ -611,6 +611,26 @@ class Guard:
         # its whole conversation every turn, and storing the same texts again is waste.
         self._stored_user_texts: dict[tuple[str | None, str, str | None, int], float] = {}
 
+    @property
+    def loop_bound(self) -> bool:
+        """Whether a part of this guard belongs to one event loop (then run it on that loop only).
+
+        The in-memory session store, a fixed or synchronous identity and no
+        quarantine tie nothing to a loop; a Redis store, an identity resolver
+        (JWKS fetches) or a quarantine model client (HTTP pools) do, and so does
+        anything that does not say otherwise (``loop_bound = False``).
+        """
+        if getattr(self.session.store, "loop_bound", True):
+            return True
+        if self.quarantine is not None and getattr(self.quarantine, "loop_bound", True):
+            return True
+        source = self.identity_source
+        if source is None or isinstance(source, Identity):
+            return False
+        if hasattr(source, "authenticate") or inspect.iscoroutinefunction(source):
+            return bool(getattr(source, "loop_bound", True))
+        return False
+
     # -- routing
 
     def route(self, method: str, path: str) -> Route | None:

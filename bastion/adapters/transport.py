@@ -16,11 +16,14 @@ nothing more: ``handle_request`` / ``handle_async_request``, ``close`` /
 
 Both classes drive the one :class:`~bastion.adapters.pipeline.Guard`
 pipeline, which is async (session store, approvals, quarantine). The sync
-transport runs it on a private event loop in a daemon thread, one per
-process, started on first use: the wrapped transport and the caller's thread
-do the I/O, the loop only runs Bastion's checks. So a
-``bastion.session.RedisStore`` used by sync transports belongs to that loop;
-do not share one Guard (or RedisStore) between sync and async transports.
+transport runs it in the caller's own thread, on an event loop kept for that
+thread, when no part of the guard belongs to one loop (``Guard.loop_bound``:
+the in-memory store, a fixed identity, no quarantine). Otherwise - a
+``bastion.session.RedisStore``, an identity resolver, a quarantine - it runs
+the checks on a private event loop in a daemon thread, one per process,
+started on first use, which those parts then belong to: the wrapped transport
+and the caller's thread still do the I/O. Do not share such a Guard (or
+RedisStore) between sync and async transports.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from types import ModuleType, TracebackType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import httpx
 
@@ -148,13 +151,13 @@ class _AsyncGuardedStream:
 
 
 class _SyncGuardedStream:
-    def __init__(self, upstream: Any, guard: ResponseGuard, loop: _BackgroundLoop) -> None:
+    def __init__(self, upstream: Any, guard: ResponseGuard, runner: _Runner) -> None:
         self._upstream = upstream
         self._guard = guard
-        self._loop = loop
+        self._runner = runner
 
     def __iter__(self) -> Iterator[bytes]:
-        guard, run = self._guard, self._loop.run
+        guard, run = self._guard, self._runner.run
         direct = guard.feeds_sync
         try:
             for chunk in self._upstream.stream:
@@ -287,8 +290,43 @@ def _span_of(route: Route, request: Any) -> dict[str, Any]:
     }
 
 
+class _Runner(Protocol):
+    def run(self, coro: Coroutine[Any, Any, T]) -> T: ...
+
+
+class _ThreadLoop:
+    """An event loop owned by one thread, closed when the thread ends (its local goes)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+
+    def __del__(self) -> None:
+        self.loop.close()
+
+
+class _CallerLoops:
+    """Runs the pipeline in the caller's thread, on that thread's own event loop.
+
+    For guards no part of which belongs to one loop: no hop to another thread,
+    which costs two thread wake-ups per request. A caller whose thread already
+    runs a loop (sync client code inside async code) cannot start another one
+    there, so its checks go to the shared background loop instead.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if asyncio.events._get_running_loop() is not None:
+            return _BackgroundLoop.shared().run(coro)
+        owned: _ThreadLoop | None = getattr(self._local, "owned", None)
+        if owned is None:
+            owned = self._local.owned = _ThreadLoop()
+        return owned.loop.run_until_complete(coro)
+
+
 class _BackgroundLoop:
-    """The private event loop the sync transport runs the pipeline on."""
+    """The private event loop the sync transport runs a loop-bound pipeline on."""
 
     _lock = threading.Lock()
     _shared: _BackgroundLoop | None = None
@@ -350,7 +388,9 @@ class BastionTransport(httpx.BaseTransport):
     ) -> None:
         self.guard = _make_guard(policy, identity, routes, guard, options)
         self._transport = transport
-        self._loop = _BackgroundLoop.shared()
+        self._runner: _Runner = (
+            _BackgroundLoop.shared() if self.guard.loop_bound else _CallerLoops()
+        )
 
     def _inner(self, lib: ModuleType) -> Any:
         if self._transport is None:
@@ -373,7 +413,7 @@ class BastionTransport(httpx.BaseTransport):
             return self._guarded(lib, inner, route, request)
 
     def _guarded(self, lib: ModuleType, inner: Any, route: Route, request: Any) -> Any:
-        guard, run = self.guard, self._loop.run
+        guard, run = self.guard, self._runner.run
         path = request.url.path
         body = request.read()
         headers = _request_headers(request)
@@ -396,7 +436,7 @@ class BastionTransport(httpx.BaseTransport):
         return lib.Response(
             checked.status,
             headers=checked.headers,
-            stream=_stream_class(lib, False)(response, checked, self._loop),
+            stream=_stream_class(lib, False)(response, checked, self._runner),
             extensions=response.extensions,
         )
 

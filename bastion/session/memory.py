@@ -46,6 +46,10 @@ class MemoryStore:
     ``clock`` (Unix seconds) is injectable for tests.
     """
 
+    # Holds nothing tied to an event loop: a sync transport may run the
+    # pipeline over it on any thread's own loop (see Guard.loop_bound).
+    loop_bound = False
+
     def __init__(
         self,
         *,

@@ -99,6 +99,9 @@ class RedisStore:
     the event loop that first uses it.
     """
 
+    # redis-py's asyncio pool belongs to the loop that first used it.
+    loop_bound = True
+
     def __init__(
         self,
         url: str = "redis://127.0.0.1:6379/0",
