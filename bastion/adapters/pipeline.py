@@ -215,6 +215,9 @@ class PolicyEngine(Protocol):
 
     def result_effects(self, tool: str | ToolSpec) -> frozenset[Effect]: ...
 
+    # Optional: ``fixed_result(tool)`` (the classification no rule can change, or
+    # None) and ``reads_provenance``, read with getattr, only make the pipeline faster.
+
     def classify_result(
         self,
         identity: Identity,
@@ -1403,9 +1406,25 @@ class Exchange:
         # Tool outputs in the conversation, in order. The common case (traced output
         # trusted as it stands) is classify()'s first branch, inlined: a conversation
         # carries many outputs and a coroutine per output is a good part of their cost.
-        classify_result, info, trusted = guard.policy.classify_result, self.info, Effect.TRUSTED
+        policy = guard.policy
+        classify_result, info, trusted = policy.classify_result, self.info, Effect.TRUSTED
+        # Output of a tool no result rule names gets the default whatever it holds:
+        # when that is to trust it as it stands, only `from` still needs its text.
+        fixed_result = None if guard.audit_all else getattr(policy, "fixed_result", None)
+        reads_texts = getattr(policy, "reads_provenance", True)
         for view in req.tool_results:
             result = view.result
+            if fixed_result is not None and view.traced:
+                fixed = fixed_result(result.name)
+                if (
+                    fixed is not None
+                    and fixed.effect is trusted
+                    and not fixed.paths
+                    and not fixed.redact_patterns
+                ):
+                    if reads_texts:
+                        self._add_texts(result.name, None, _plain_text(result.content))
+                    continue
             spec = specs.get(result.name) or guard.spec_for(result.name)
             classified: Decision | None = None
             if view.traced:

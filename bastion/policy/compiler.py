@@ -1521,6 +1521,8 @@ class CompiledPolicy:
     result_deciders: dict[str, CallDecider] = field(default_factory=dict)
     model_deciders: dict[str, CallDecider] = field(default_factory=dict)
     context_fn: CallDecider | None = None
+    # Tool name -> the classification of its every output when no rule names it, else None.
+    fixed_results: dict[str, Decision | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.walker = Walker(self.sets)
@@ -1587,6 +1589,15 @@ class CompiledPolicy:
             fn = _decider(self, self.candidates("result", name), "result")
             _memo_put(self.result_deciders, name, fn)
         return fn
+
+    def fixed_result(self, name: str) -> Decision | None:
+        """The decision every result of ``name`` gets when no rule names the tool (memoized)."""
+        memo = self.fixed_results
+        if name in memo:
+            return memo[name]
+        fixed = None if self.candidates("result", name).rules else self.decide_result_from(())
+        _memo_put(memo, name, fixed)
+        return fixed
 
     def model_decider(self, name: str) -> CallDecider:
         """``decider(identity, model, context, request)`` for one model name (memoized)."""

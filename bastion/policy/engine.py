@@ -410,6 +410,19 @@ class Policy:
             log.exception("policy evaluation failed for the result of %s; blocking", _label(tool))
             return fail_closed(EventKind.RESULT)
 
+    def fixed_result(self, tool: str) -> Decision | None:
+        """The classification every output of ``tool`` gets when no rule can look at it, else None.
+
+        With no rule (enforced or shadow) naming the tool, its outputs get the
+        default whatever their content, arguments, identity or context, so an
+        adapter need not build or classify them one by one.
+        """
+        try:
+            return self._loaded.compiled.fixed_result(tool)
+        except Exception:
+            log.exception("policy evaluation failed for the result of %s; blocking", tool)
+            return fail_closed(EventKind.RESULT)
+
     def result_effects(self, tool: str | ToolSpec) -> frozenset[Effect]:
         """Every effect a result of ``tool`` can get: its enforced rules' (whatever their conditions) and the default.
 
