@@ -267,32 +267,34 @@ class OpenAIChatCodec:
         last_function: tuple[str, Mapping[str, Any]] | None = None
         results: list[ResultView] = []
         user_texts: list[str] = []
+        # Ordered by how often each role comes in an agent's conversation.
         for i, message in enumerate(messages):
             if not isinstance(message, dict):
                 raise ProtocolError(f"messages[{i}] must be an object", code="invalid_request")
             role = message.get("role")
-            if role in _USER_ROLES:
-                content = message.get("content")
-                if isinstance(content, str):
-                    user_texts.append(content)
-                else:
-                    user_texts.extend(_text_of(content))
-            elif role == "assistant":
-                for call in message.get("tool_calls") or []:
-                    if isinstance(call, dict) and isinstance(call.get("function"), dict):
-                        fn = call["function"]
+            if role == "assistant":
+                for call in message.get("tool_calls") or ():
+                    if isinstance(call, dict) and isinstance(fn := call.get("function"), dict):
                         raw = fn.get("arguments")
-                        produced[str(call.get("id"))] = (
+                        call_id = call.get("id")
+                        produced[call_id if isinstance(call_id, str) else str(call_id)] = (
                             str(fn.get("name") or ""),
                             LazyArguments(raw if isinstance(raw, str) else ""),
                         )
-                legacy = message.get("function_call")
-                if isinstance(legacy, dict):
+                if "function_call" in message and isinstance(
+                    legacy := message["function_call"], dict
+                ):
                     raw = legacy.get("arguments")
                     last_function = (
                         str(legacy.get("name") or ""),
                         LazyArguments(raw if isinstance(raw, str) else ""),
                     )
+            elif role in _USER_ROLES:
+                content = message.get("content")
+                if isinstance(content, str):
+                    user_texts.append(content)
+                else:
+                    user_texts.extend(_text_of(content))
             elif role == "tool":
                 call_id = message.get("tool_call_id")
                 source = produced.get(call_id) if isinstance(call_id, str) else None
@@ -306,7 +308,7 @@ class OpenAIChatCodec:
                             args,
                         ),
                         ("messages", i, "content"),
-                        traced=source is not None,
+                        source is not None,
                     )
                 )
             elif role == "function":

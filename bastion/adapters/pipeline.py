@@ -1022,7 +1022,8 @@ class Exchange:
                     decision,
                 )
         if effect is Effect.ALLOW:
-            hit = await self._over_limit("call", call.name, call.arguments)
+            hits = self._limits("call", call.name, call.arguments)
+            hit = await self._over_limit("call", hits) if hits else None
             if hit is not None:
                 decision = Decision(
                     EventKind.CALL,
@@ -1037,12 +1038,13 @@ class Exchange:
             return _CallOutcome(True, decision=decision)
         return _CallOutcome(False, refusal_text(shown, decision.reason), decision)
 
-    async def _over_limit(
-        self, kind: Literal["call", "model"], name: str, args: Mapping[str, Any]
-    ) -> Any:
-        hits = self.guard.policy.limits(
+    def _limits(self, kind: Literal["call", "model"], name: str, args: Mapping[str, Any]) -> Any:
+        return self.guard.policy.limits(
             kind, self.identity, name, args, self.context, request=self.info
         )
+
+    async def _over_limit(self, kind: Literal["call", "model"], hits: Any) -> Any:
+        """The first of ``hits`` (limits that apply) whose budget is used up, counting the others."""
         limiter = self.guard.session.limits
         for hit in hits:
             if hit.unit == "tokens":
@@ -1362,7 +1364,8 @@ class Exchange:
                 )
                 guard.audit(self.event(decision, model))
                 return self.policy_reply(f"model {model!r} is not allowed: {decision.reason}")
-            hit = await self._over_limit("model", model, {})
+            hits = self._limits("model", model, {})
+            hit = await self._over_limit("model", hits) if hits else None
             if hit is not None:
                 default_reason = (
                     f"the token budget of {hit.amount} tokens per {hit.window_seconds:g} s"
