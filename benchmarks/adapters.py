@@ -4,7 +4,8 @@ Request overhead is measured in-process so network noise does not dominate: the
 ASGI app is called directly, the transports wrap an ``httpx.MockTransport``, and
 each repeat times the bare and the guarded path side by side (alternating). The
 request is a non-streaming chat completion with 20 tools and 50 messages (12 of
-them tool outputs).
+them tool outputs); ``middleware_large_request`` is the same conversation with
+15 KB tool outputs full of quotes and newlines (187 KB), where parsing dominates.
 
 Streaming throughput goes over real I/O, because a pass-through baseline that
 does no I/O only measures how fast Python hands a buffer over: an upstream
@@ -99,6 +100,15 @@ def request_body() -> bytes:
         messages.append({"role": "assistant", "content": f"Item {i} is fine."})
         i += 1
     return json.dumps({"model": "gpt-test", "messages": messages[:50], "tools": tools}).encode()
+
+
+def request_body_large() -> bytes:
+    """The same conversation with 15 KB tool outputs (quotes, newlines, brackets): 187 KB."""
+    data = json.loads(request_body())
+    for message in data["messages"]:
+        if message["role"] == "tool":
+            message["content"] = 'lorem ipsum dolor sit amet, "quoted" {x: [1]}\n ' * 300
+    return json.dumps(data).encode()
 
 
 RESPONSE = json.dumps(
@@ -445,6 +455,10 @@ async def main_async(quick: bool) -> dict[str, Any]:
     body = request_body()
     n, repeats = (300, 3) if quick else (2000, 5)
     middleware = median_of([await bench_middleware(policy, body, n) for _ in range(repeats)])
+    large = request_body_large()
+    middleware_large = median_of(
+        [await bench_middleware(policy, large, max(100, n // 4)) for _ in range(repeats)]
+    )
     transport = median_of([await bench_async_transport(policy, body, n) for _ in range(repeats)])
     sync_transport = median_of(
         [await asyncio.to_thread(bench_sync_transport, policy, body, n) for _ in range(repeats)]
@@ -460,6 +474,7 @@ async def main_async(quick: bool) -> dict[str, Any]:
 
     return {
         "middleware": middleware,
+        "middleware_large_request": {**middleware_large, "bytes": len(large)},
         "transport": transport,
         "sync_transport": sync_transport,
         "streaming": {

@@ -3,6 +3,9 @@
 * :func:`loads_strict` parses untrusted JSON the one way Bastion accepts it:
   UTF-8 only, no duplicate keys at any depth (two parsers disagreeing on which
   copy wins is a bypass), no lone surrogates, no NaN/Infinity, bounded nesting.
+  With ``jiter`` installed (extra ``fast``; the openai and anthropic SDKs
+  depend on it) it parses with jiter, else with the standard library; both
+  accept and refuse the same texts.
   Failures raise :class:`~bastion.errors.ProtocolError` with ``code`` one of
   ``invalid_json``, ``duplicate_key``, ``invalid_utf8``, ``invalid_unicode``,
   ``non_finite_number``, ``too_deep``.
@@ -67,7 +70,10 @@ __all__ = [
     "refusal_text",
 ]
 
-DEFAULT_MAX_DEPTH = 64
+# Nesting bounds recursion in Bastion's own walkers; 256 is deeper than any request
+# a client sends (JSON schemas run 10-20 deep) and sits between the limits of
+# serde_json (128) and jiter (~200) on one side and Python's json (~1000) on the other.
+DEFAULT_MAX_DEPTH = 256
 
 JSONRPC_PARSE_ERROR = -32700
 JSONRPC_INVALID_REQUEST = -32600
@@ -113,10 +119,12 @@ def _find_jiter() -> Callable[..., Any] | None:
 # reference, and every text jiter refuses is parsed there again, so the fault
 # reported is always the stdlib's.
 _JITER: Callable[..., Any] | None = _find_jiter()
-# jiter has a nesting limit of its own (arrays fail at 202 levels, objects at
-# 201, alternating ones later): under a max_depth near that, failing closed
-# would refuse texts within the limit, so such limits go the stdlib way.
-_JITER_MAX_DEPTH = 128
+# jiter refuses nesting deeper than this itself ("recursion limit exceeded":
+# arrays past 201 levels, objects past 200). Under a max_depth at least this deep
+# nothing jiter accepts can be too deep, so its value needs no walk; what it
+# refuses for depth alone goes to the stdlib path, whose answer then stands.
+_JITER_NESTING = 201
+_JITER_TOO_DEEP = "recursion limit exceeded"
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -306,18 +314,21 @@ def loads_strict(data: bytes | str, *, max_depth: int = DEFAULT_MAX_DEPTH) -> An
         raw = bytes(data)
         text = None
     from_json = _JITER
-    if from_json is None or max_depth > _JITER_MAX_DEPTH:
+    if from_json is None:
         return _loads_stdlib(raw, text, max_depth)
     try:
         # jiter itself refuses duplicate keys, invalid UTF-8, lone surrogates,
-        # NaN/Infinity and a byte order mark; nesting is left to the walk below.
+        # NaN/Infinity and a byte order mark; nesting is checked below.
         value = from_json(raw, catch_duplicate_keys=True, allow_inf_nan=False, cache_mode="keys")
     except ValueError as exc:
-        _loads_stdlib(raw, text, max_depth)
+        stdlib_value = _loads_stdlib(raw, text, max_depth)
+        if str(exc).startswith(_JITER_TOO_DEEP):
+            # Deeper than jiter goes but within max_depth: the stdlib's reading stands.
+            return stdlib_value
         # Fail closed: what jiter refuses stays refused, even when the stdlib
         # reads it (a float whose integer part has over 4300 digits).
         raise ProtocolError(f"malformed JSON: {exc}", code="invalid_json") from exc
-    if len(raw) > 2 * max_depth and _nested_deeper(value, max_depth):
+    if max_depth < _JITER_NESTING and len(raw) > 2 * max_depth and _nested_deeper(value, max_depth):
         raise ProtocolError(f"JSON nested deeper than {max_depth}", code="too_deep")
     return value
 

@@ -266,9 +266,9 @@ OPENERS = {"[": "]", '{"k":': "}", "[0,": "]", '{"a":1, "k":': "}", '{"a":[], "k
 
 @st.composite
 def nestings(draw: Draw) -> tuple[bytes, int]:
-    limit = draw(st.sampled_from([0, 1, 2, 3, 4, 63, 64, 65, 127, 128]))
+    limit = draw(st.sampled_from([0, 1, 2, 3, 4, 63, 64, 65, 127, 128, 200, 201, 202, 256]))
     depth = max(0, limit + draw(st.integers(-2, 2)))
-    if limit == 128 and draw(st.booleans()):
+    if limit in (128, 256) and draw(st.booleans()):
         depth = draw(st.integers(196, 206))  # around jiter's own recursion limit
     shape = draw(st.sampled_from(["arrays", "objects", "mixed"]))
     choices = {"arrays": ["[", "[0,"], "objects": ['{"k":', '{"a":1, "k":'], "mixed": list(OPENERS)}
@@ -428,3 +428,34 @@ from test_wire import (  # noqa: E402, F401
     test_utf16_body_is_not_sniffed_into_json,
     test_valid_json_parses_like_the_standard_library,
 )
+
+
+@needs_jiter
+def test_jiters_own_nesting_limit_is_the_one_the_jiter_path_relies_on() -> None:
+    # Under a max_depth at least this deep the jiter path skips its walk: a jiter
+    # that went deeper would let too-deep texts through, so pin the limit.
+    deepest = wire._JITER_NESTING
+    assert JITER is not None
+    assert JITER(b"[" * deepest + b"]" * deepest) is not None
+    for text in (
+        b"[" * (deepest + 1) + b"]" * (deepest + 1),
+        b'{"k":' * deepest + b"1" + b"}" * deepest,
+        b'[{"k":' * (deepest // 2 + 1) + b"1" + b"}]" * (deepest // 2 + 1),
+    ):
+        with pytest.raises(ValueError, match=wire._JITER_TOO_DEEP):
+            JITER(text)
+
+
+@needs_jiter
+def test_under_the_default_limit_the_jiter_path_does_not_walk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(wire, "_JITER", JITER)
+    monkeypatch.setattr(wire, "_nested_deeper", refuse_to_run)
+    data = json.dumps(long_body(ESCAPED)).encode()
+    assert loads_strict(data) == json.loads(data)
+    deep = b"[" * 230 + b"]" * 230  # deeper than jiter goes: the stdlib reads it
+    assert loads_strict(deep) == json.loads(deep)
+    with pytest.raises(ProtocolError) as refused:
+        loads_strict(b"[" * 257 + b"]" * 257)
+    assert refused.value.code == "too_deep"

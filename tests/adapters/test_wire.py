@@ -9,6 +9,7 @@ import pytest
 import zstandard
 
 from bastion.adapters.wire import (
+    DEFAULT_MAX_DEPTH,
     BodyDecoder,
     anthropic_error,
     can_decode,
@@ -79,11 +80,17 @@ def test_non_finite_numbers_are_rejected(literal: bytes) -> None:
 
 
 def test_nesting_beyond_the_limit_is_rejected() -> None:
-    assert code_of(b"[" * 65 + b"]" * 65) == "too_deep"
+    assert code_of(b"[" * 65 + b"]" * 65, max_depth=64) == "too_deep"
+    deepest = DEFAULT_MAX_DEPTH
+    assert code_of(b"[" * (deepest + 1) + b"]" * (deepest + 1)) == "too_deep"
+    assert code_of(b'{"a":' * (deepest + 1) + b"1" + b"}" * (deepest + 1)) == "too_deep"
 
 
 def test_nesting_at_the_limit_is_accepted() -> None:
     assert loads_strict(b"[" * 64 + b"]" * 64, max_depth=64) is not None
+    deepest = DEFAULT_MAX_DEPTH
+    text = b"[" * deepest + b"]" * deepest
+    assert loads_strict(text) == json.loads(text)
 
 
 def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
