@@ -43,7 +43,7 @@ from bastion.adapters.wire import (
     parse_arguments,
 )
 from bastion.errors import ProtocolError
-from bastion.events import ToolCall, ToolResult, ToolSpec
+from bastion.events import ToolCall, ToolSpec
 
 __all__ = ["AnthropicCodec", "AnthropicStreamRewriter", "MessagesRequest", "MessagesResponse"]
 
@@ -213,15 +213,13 @@ class AnthropicCodec:
                 name, arguments = source or ("", {})
                 results.append(
                     ResultView(
-                        ToolResult(
-                            call_id if isinstance(call_id, str) else None,
-                            name,
-                            block.get("content"),
-                            arguments,
-                            is_error=block.get("is_error") is True,
-                        ),
+                        call_id if isinstance(call_id, str) else None,
+                        name,
+                        block.get("content"),
+                        arguments,
                         ("messages", i, "content", j, "content"),
-                        traced=source is not None,
+                        source is not None,
+                        is_error=block.get("is_error") is True,
                     )
                 )
         return MessagesRequest(data, tools, results, tuple(user_texts))

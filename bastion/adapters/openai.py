@@ -53,7 +53,7 @@ from bastion.adapters.wire import (
     parse_arguments,
 )
 from bastion.errors import ProtocolError
-from bastion.events import ToolCall, ToolResult, ToolSpec, split_tool_name
+from bastion.events import ToolCall, ToolSpec, split_tool_name
 
 __all__ = [
     "ChatRequest",
@@ -301,12 +301,10 @@ class OpenAIChatCodec:
                 name, args = source or ("", {})
                 results.append(
                     ResultView(
-                        ToolResult(
-                            call_id if isinstance(call_id, str) else None,
-                            name,
-                            message.get("content"),
-                            args,
-                        ),
+                        call_id if isinstance(call_id, str) else None,
+                        name,
+                        message.get("content"),
+                        args,
                         ("messages", i, "content"),
                         source is not None,
                     )
@@ -317,9 +315,7 @@ class OpenAIChatCodec:
                 args = last_function[1] if last_function and traced else {}
                 results.append(
                     ResultView(
-                        ToolResult(None, name, message.get("content"), args),
-                        ("messages", i, "content"),
-                        traced,
+                        None, name, message.get("content"), args, ("messages", i, "content"), traced
                     )
                 )
         return ChatRequest(data, tools, results, tuple(user_texts))
@@ -759,14 +755,12 @@ class OpenAIResponsesCodec:
                     name, args = source or ("", {})
                     results.append(
                         ResultView(
-                            ToolResult(
-                                call_id if isinstance(call_id, str) else None,
-                                name,
-                                item.get("output"),
-                                args,
-                            ),
+                            call_id if isinstance(call_id, str) else None,
+                            name,
+                            item.get("output"),
+                            args,
                             ("input", i, "output"),
-                            traced=source is not None,
+                            source is not None,
                         )
                     )
         elif items is not None:

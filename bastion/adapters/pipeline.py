@@ -1416,9 +1416,8 @@ class Exchange:
         fixed_result = None if guard.audit_all else getattr(policy, "fixed_result", None)
         reads_texts = getattr(policy, "reads_provenance", True)
         for view in req.tool_results:
-            result = view.result
             if fixed_result is not None and view.traced:
-                fixed = fixed_result(result.name)
+                fixed = fixed_result(view.name)
                 if (
                     fixed is not None
                     and fixed.effect is trusted
@@ -1426,8 +1425,9 @@ class Exchange:
                     and not fixed.redact_patterns
                 ):
                     if reads_texts:
-                        self._add_texts(result.name, None, _plain_text(result.content))
+                        self._add_texts(view.name, None, _plain_text(view.content))
                     continue
+            result = view.result
             spec = specs.get(result.name) or guard.spec_for(result.name)
             classified: Decision | None = None
             if view.traced:

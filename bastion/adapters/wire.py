@@ -453,19 +453,61 @@ class CallView:
         return self.error is None
 
 
-@dataclass(frozen=True, slots=True)
 class ResultView:
     """A tool's output found in a request's conversation.
 
-    ``result.name`` and ``result.arguments`` come from the call that produced
-    it; ``traced`` is False when no earlier call with that id exists (the name
-    is then empty: treat such output as untrusted). ``location`` points at the
-    content to hand to ``replace_tool_result``.
+    ``name`` and ``arguments`` come from the call that produced it; ``traced``
+    is False when no earlier call with that id exists (the name is then empty:
+    treat such output as untrusted). ``location`` points at the content to hand
+    to ``replace_tool_result``. ``result`` is the output as a
+    :class:`~bastion.events.ToolResult`, built when first asked for: a
+    conversation carries many outputs, and most need no decision of their own.
     """
 
-    result: ToolResult
-    location: Location
-    traced: bool = True
+    __slots__ = (
+        "_result",
+        "arguments",
+        "call_id",
+        "content",
+        "is_error",
+        "location",
+        "name",
+        "traced",
+    )
+
+    def __init__(
+        self,
+        call_id: str | None,
+        name: str,
+        content: Any,
+        arguments: Mapping[str, Any],
+        location: Location,
+        traced: bool = True,
+        is_error: bool = False,
+    ) -> None:
+        self.call_id = call_id
+        self.name = name
+        self.content = content
+        self.arguments = arguments
+        self.location = location
+        self.traced = traced
+        self.is_error = is_error
+        self._result: ToolResult | None = None
+
+    @property
+    def result(self) -> ToolResult:
+        result = self._result
+        if result is None:
+            result = self._result = ToolResult(
+                self.call_id, self.name, self.content, self.arguments, self.is_error
+            )
+        return result
+
+    def __repr__(self) -> str:
+        return (
+            f"ResultView(call_id={self.call_id!r}, name={self.name!r}, location={self.location!r},"
+            f" traced={self.traced!r})"
+        )
 
 
 @dataclass
