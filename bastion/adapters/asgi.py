@@ -207,9 +207,12 @@ class GuardResponder:
             # Every chunk but the last of an LLM stream: the hot path, kept short (no
             # coroutine unless a call needs deciding); the last one goes the long way.
             chunk = message.get("body", b"")
-            out = response.feed_sync(chunk)
+            through = response.pass_through
+            out = through(chunk) if through is not None else None
             if out is None:
-                out = await response.settle()
+                out = response.feed_sync(chunk)
+                if out is None:
+                    out = await response.settle()
             if response.done:
                 self.finished = True
                 await send({"type": "http.response.body", "body": out, "more_body": False})

@@ -1773,6 +1773,16 @@ class ResponseGuard:
             self.mode = "buffer"
         # Stream mode for an LLM route: feed_sync() may be used instead of feed().
         self.feeds_sync = self._rewriter is not None and self._setup_error is None
+        # feed_sync() in short, for chunks of whole events nothing held back may
+        # concern (None: go the long way); only when no decoding or metering applies.
+        self.pass_through: Callable[[bytes], bytes | None] | None = (
+            self._rewriter.feed_through
+            if self.feeds_sync
+            and self._rewriter is not None
+            and self._decoder is None
+            and self._meter is None
+            else None
+        )
 
     def _setup(self, headers: Headers) -> None:
         ex = self.exchange

@@ -135,9 +135,19 @@ class _AsyncGuardedStream:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         guard = self._guard
+        direct, through = guard.feeds_sync, guard.pass_through
         try:
             async for chunk in self._upstream.stream:
-                out = await guard.feed(chunk)
+                # Most chunks need no awaiting: plain calls are cheaper than a coroutine.
+                out = through(chunk) if through is not None else None
+                if out is not None:
+                    pass
+                elif direct:
+                    out = guard.feed_sync(chunk)
+                    if out is None:
+                        out = await guard.settle()
+                else:
+                    out = await guard.feed(chunk)
                 if out:
                     yield out
                 if guard.done:
@@ -160,11 +170,14 @@ class _SyncGuardedStream:
 
     def __iter__(self) -> Iterator[bytes]:
         guard, run = self._guard, self._runner.run
-        direct = guard.feeds_sync
+        direct, through = guard.feeds_sync, guard.pass_through
         try:
             for chunk in self._upstream.stream:
-                if direct:
-                    # Most chunks need no awaiting: no hop to the guard's loop for them.
+                out = through(chunk) if through is not None else None
+                if out is not None:
+                    pass
+                elif direct:
+                    # Most chunks need no awaiting: no event loop for them.
                     out = guard.feed_sync(chunk)
                     if out is None:
                         out = run(guard.settle())

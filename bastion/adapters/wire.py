@@ -937,6 +937,7 @@ class StreamRewriter:
 
         The common chunk completes whole events that cannot concern a tool call
         while nothing is held: their bytes are returned, to send as they came.
+        Never raises: a chunk with a fault goes the long way, which reports it.
         """
         if self._closed or not self._synced or self._queue:
             return None
@@ -950,7 +951,10 @@ class StreamRewriter:
         if not self._passes(head):
             return None
         if not head.isascii():
-            _check_utf8(head)
+            try:
+                head.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
         self._tail = data[cut:]
         return head
 
