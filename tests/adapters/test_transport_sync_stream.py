@@ -4,6 +4,7 @@ on the guard's background loop for one that is (then no loop hop per stream chun
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import json
 import threading
@@ -246,3 +247,84 @@ def test_a_guard_is_loop_bound_when_a_part_of_it_belongs_to_one_loop(policy: Any
     assert Guard(policy, session=SessionServices.over(redis)).loop_bound
     quarantine = Quarantine(QuarantineConfig(base_url="http://127.0.0.1:1/v1", model="m"))
     assert Guard(policy, quarantine=quarantine).loop_bound
+
+
+REQUEST_SEEN: contextvars.ContextVar[str] = contextvars.ContextVar("request_seen", default="")
+INSIDE: contextvars.ContextVar[str] = contextvars.ContextVar("inside", default="")
+
+
+class WaitingStore(MemoryStore):
+    """A store tied to no loop whose reads and writes really wait (a timer, then a bare yield)."""
+
+    loop_bound = False
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.fail = fail
+        self.waits = 0
+
+    async def _wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        timer: asyncio.Future[None] = loop.create_future()
+        loop.call_later(0.001, timer.set_result, None)
+        await timer
+        await asyncio.sleep(0)
+        self.waits += 1
+        if self.fail:
+            from bastion.errors import StoreError
+
+            raise StoreError("store went away")
+
+    async def get(self, key: str) -> bytes | None:
+        INSIDE.set("set inside the checks")  # as libraries do; must not reach the caller
+        await self._wait()
+        return await super().get(key)
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        await self._wait()
+        await super().set(key, value, ttl)
+
+
+def test_checks_that_really_wait_finish_on_the_callers_loop(
+    serve: Any, make_guard: Any, agent: str, audit: AuditLog
+) -> None:
+    store = WaitingStore()
+    seen: list[tuple[str, str]] = []
+
+    def hook(event: AuditEvent) -> None:
+        seen.append((threading.current_thread().name, REQUEST_SEEN.get()))
+        audit(event)
+
+    guard = make_guard(
+        identity=Identity(agent), on_decision=hook, session=SessionServices.over(store)
+    )
+    assert not guard.loop_bound
+    app = serving("/v1/chat/completions", RESPONSE_WITH_CALL, media_type="application/json")
+    transport = BastionTransport(httpx.HTTPTransport(), guard=guard)
+    token = REQUEST_SEEN.set("the caller's value")
+    try:
+        with serve(app) as url, httpx.Client(transport=transport) as http:
+            reply = http.post(f"{url}/v1/chat/completions", json={**USER, "stream": False})
+    finally:
+        REQUEST_SEEN.reset(token)
+    assert store.waits >= 2  # the user texts were read and stored, each after a real wait
+    assert reply.status_code == 200
+    message = reply.json()["choices"][0]["message"]
+    assert "tool_calls" not in message and "delete_repo" in message["content"]
+    assert seen and set(seen) == {(threading.current_thread().name, "the caller's value")}
+    assert INSIDE.get() == ""  # the checks ran in a copy of the caller's context
+
+
+def test_a_store_failing_after_a_wait_denies_the_request(
+    serve: Any, make_guard: Any, agent: str, audit: AuditLog
+) -> None:
+    store = WaitingStore(fail=True)
+    guard = make_guard(identity=Identity(agent), session=SessionServices.over(store))
+    app = serving("/v1/chat/completions", RESPONSE_WITH_CALL, media_type="application/json")
+    transport = BastionTransport(httpx.HTTPTransport(), guard=guard)
+    with serve(app) as url, httpx.Client(transport=transport) as http:
+        reply = http.post(f"{url}/v1/chat/completions", json={**USER, "stream": False})
+    assert store.waits == 1
+    assert reply.status_code == 503
+    assert app.state.received == []
+    assert audit.errors() == ["store_unavailable"]
