@@ -141,14 +141,13 @@ class _AsyncGuardedStream:
             async for chunk in self._upstream.stream:
                 # Most chunks need no awaiting: plain calls are cheaper than a coroutine.
                 out = through(chunk) if through is not None else None
-                if out is not None:
-                    pass
-                elif direct:
-                    out = guard.feed_sync(chunk)
-                    if out is None:
-                        out = await guard.settle()
-                else:
-                    out = await guard.feed(chunk)
+                if out is None:
+                    if direct:
+                        out = guard.feed_sync(chunk)
+                        if out is None:
+                            out = await guard.settle()
+                    else:
+                        out = await guard.feed(chunk)
                 if out:
                     yield out
                 if guard.done:
@@ -174,16 +173,15 @@ class _SyncGuardedStream:
         direct, through = guard.feeds_sync, guard.pass_through
         try:
             for chunk in self._upstream.stream:
+                # Most chunks need no awaiting: no event loop for them.
                 out = through(chunk) if through is not None else None
-                if out is not None:
-                    pass
-                elif direct:
-                    # Most chunks need no awaiting: no event loop for them.
-                    out = guard.feed_sync(chunk)
-                    if out is None:
-                        out = run(guard.settle())
-                else:
-                    out = run(guard.feed(chunk))
+                if out is None:
+                    if direct:
+                        out = guard.feed_sync(chunk)
+                        if out is None:
+                            out = run(guard.settle())
+                    else:
+                        out = run(guard.feed(chunk))
                 if out:
                     yield out
                 if guard.done:
@@ -344,6 +342,8 @@ class _CallerLoops:
         context = contextvars.copy_context()
         # The first step by hand: such a guard's checks seldom wait on anything,
         # and a step costs a fraction of a turn of the loop (two epoll calls, a task).
+        # No task is current during it, so what needs one (asyncio.timeout) must
+        # sit in parts that are loop-bound, as the Redis store and quarantine are.
         asyncio.events._set_running_loop(loop)
         try:
             waiting = context.run(coro.send, None)

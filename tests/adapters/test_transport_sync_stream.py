@@ -328,3 +328,44 @@ def test_a_store_failing_after_a_wait_denies_the_request(
     assert reply.status_code == 503
     assert app.state.received == []
     assert audit.errors() == ["store_unavailable"]
+
+
+def test_one_sync_transport_serves_many_threads_at_once(
+    serve: Any, make_guard: Any, agent: str, audit: AuditLog
+) -> None:
+    # Each caller thread checks on its own loop now: the guard's shared state
+    # (catalog, caches, store, audit hook) meets real concurrency.
+    app = serving("/v1/chat/completions", RESPONSE_WITH_CALL, media_type="application/json")
+    transport = BastionTransport(httpx.HTTPTransport(), guard=make_guard(identity=Identity(agent)))
+    replies: list[dict[str, Any]] = []
+    failures: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    with serve(app) as url, httpx.Client(transport=transport) as http:
+
+        def caller(n: int) -> None:
+            start.wait()
+            try:
+                for i in range(15):
+                    body = {
+                        **USER,
+                        "stream": False,
+                        "messages": [{"role": "user", "content": f"{n}-{i}"}],
+                    }
+                    replies.append(http.post(f"{url}/v1/chat/completions", json=body).json())
+            except BaseException as exc:  # reported below, with the thread's other failures
+                failures.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []
+    assert len(replies) == 120
+    for reply in replies:
+        message = reply["choices"][0]["message"]
+        assert "tool_calls" not in message and "delete_repo" in message["content"]
+    refused = [e for e in audit.events if e.target == "delete_repo"]
+    assert len(refused) == 120 and {e.decision.effect.value for e in refused} == {"forbid"}
+    assert len(app.state.received) == 120
