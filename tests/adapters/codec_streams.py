@@ -1,4 +1,4 @@
-"""Helpers shared by the codec tests: drive a stream rewriter, serve bytes as SSE."""
+"""Helpers shared by the codec tests: drive a stream rewriter, serve bytes as SSE, build replies."""
 
 from __future__ import annotations
 
@@ -12,6 +12,34 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from bastion.adapters.wire import CallView, StreamRewriter, Verdict
+
+
+def chat_completion(*calls: tuple[str, str, str], model: str = "m") -> dict[str, Any]:
+    """A non-streaming chat completion whose message makes ``calls`` (id, name, raw arguments)."""
+    return {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "tool_calls",
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": call_id,
+                            "type": "function",
+                            "function": {"name": name, "arguments": arguments},
+                        }
+                        for call_id, name, arguments in calls
+                    ],
+                },
+            }
+        ],
+    }
 
 
 def sse(payload: dict[str, Any] | str, event: str | None = None) -> bytes:

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from codec_streams import chat_completion
 from conftest import AuditLog, Upstreams
 from servers.llm import Call, Script
 
@@ -121,29 +122,7 @@ def test_unknown_request_encoding_is_refused(upstreams: Upstreams, agent: str) -
 def test_invalid_tool_call_arguments_from_upstream_are_refused(
     upstreams: Upstreams, agent: str, audit: AuditLog
 ) -> None:
-    bad = {
-        "id": "c",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "m",
-        "choices": [
-            {
-                "index": 0,
-                "finish_reason": "tool_calls",
-                "message": {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [
-                        {
-                            "id": "call_x",
-                            "type": "function",
-                            "function": {"name": "get_weather", "arguments": '{"city": '},
-                        }
-                    ],
-                },
-            }
-        ],
-    }
+    bad = chat_completion(("call_x", "get_weather", '{"city": '))
     upstreams.llm.script = Script(raw=json.dumps(bad).encode(), raw_type="application/json")
     response = post(upstreams, CHAT, chat_body(), agent)
     message = response.json()["choices"][0]["message"]
@@ -179,29 +158,7 @@ def test_truncated_upstream_stream_ends_with_an_error_event(
 def test_upstream_compressed_reply_is_decoded_before_inspection(
     make_guard: Any, serve: Any, agent: str
 ) -> None:
-    reply = {
-        "id": "c",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "m",
-        "choices": [
-            {
-                "index": 0,
-                "finish_reason": "tool_calls",
-                "message": {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [
-                        {
-                            "id": "call_d",
-                            "type": "function",
-                            "function": {"name": "delete_repo", "arguments": "{}"},
-                        }
-                    ],
-                },
-            }
-        ],
-    }
+    reply = chat_completion(("call_d", "delete_repo", "{}"))
     packed = gzip.compress(json.dumps(reply).encode())
 
     async def app(scope: Any, receive: Any, send: Any) -> None:

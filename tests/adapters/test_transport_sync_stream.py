@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from codec_streams import serving, sse
+from codec_streams import chat_completion, serving, sse
 from conftest import AuditLog
 
 from bastion.adapters.pipeline import Guard
@@ -24,28 +24,7 @@ from bastion.session import MemoryStore, SessionServices
 TEXT = {"choices": [{"index": 0, "delta": {"content": "hello"}, "finish_reason": None}]}
 USER = {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 RESPONSE_WITH_CALL = json.dumps(
-    {
-        "id": "c",
-        "object": "chat.completion",
-        "model": "gpt-test",
-        "choices": [
-            {
-                "index": 0,
-                "finish_reason": "tool_calls",
-                "message": {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [
-                        {
-                            "id": "c1",
-                            "type": "function",
-                            "function": {"name": "delete_repo", "arguments": '{"repo": "x"}'},
-                        }
-                    ],
-                },
-            }
-        ],
-    }
+    chat_completion(("c1", "delete_repo", '{"repo": "x"}'), model="gpt-test")
 ).encode()
 
 
