@@ -1566,29 +1566,24 @@ class CompiledPolicy:
             _memo_put(memo, name, cl)
         return cl
 
+    def _memo_decider(self, kind: str, memo: dict[str, CallDecider], name: str) -> CallDecider:
+        fn = memo.get(name)
+        if fn is None:
+            fn = _decider(self, self.candidates(kind, name), kind)
+            _memo_put(memo, name, fn)
+        return fn
+
     def call_decider(self, name: str) -> CallDecider:
         """The memoized call decider for one tool name (built on first use)."""
-        fn = self.call_deciders.get(name)
-        if fn is None:
-            fn = _decider(self, self.candidates("call", name), "call")
-            _memo_put(self.call_deciders, name, fn)
-        return fn
+        return self._memo_decider("call", self.call_deciders, name)
 
     def visibility_decider(self, name: str) -> CallDecider:
         """``decider(identity, tool, context, request)`` for one tool name (memoized)."""
-        fn = self.visibility_deciders.get(name)
-        if fn is None:
-            fn = _decider(self, self.candidates("visibility", name), "visibility")
-            _memo_put(self.visibility_deciders, name, fn)
-        return fn
+        return self._memo_decider("visibility", self.visibility_deciders, name)
 
     def result_decider(self, name: str) -> CallDecider:
         """``decider(identity, tool, args, result, context, request)`` for one tool name."""
-        fn = self.result_deciders.get(name)
-        if fn is None:
-            fn = _decider(self, self.candidates("result", name), "result")
-            _memo_put(self.result_deciders, name, fn)
-        return fn
+        return self._memo_decider("result", self.result_deciders, name)
 
     def fixed_result(self, name: str) -> Decision | None:
         """The decision every result of ``name`` gets when no rule names the tool (memoized)."""
@@ -1601,11 +1596,7 @@ class CompiledPolicy:
 
     def model_decider(self, name: str) -> CallDecider:
         """``decider(identity, model, context, request)`` for one model name (memoized)."""
-        fn = self.model_deciders.get(name)
-        if fn is None:
-            fn = _decider(self, self.candidates("model", name), "model")
-            _memo_put(self.model_deciders, name, fn)
-        return fn
+        return self._memo_decider("model", self.model_deciders, name)
 
     def context_decider(self) -> CallDecider:
         """``decider(identity, request)``: the trust a new context starts with."""

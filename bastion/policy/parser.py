@@ -11,7 +11,7 @@ import gc
 import itertools
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import cache
@@ -1248,46 +1248,34 @@ class _Fast:
 
     # -- expressions: each returns (node, container line, col, end line, end col)
     def expr(self) -> _Ex:
-        first = self.and_()
-        toks = self.toks
-        t = toks[self.i]
-        if t[0] != "w" or t[1] != "or":
-            return first
-        parts = [first]
-        while t[0] == "w" and t[1] == "or":
-            self.i += 1
-            parts.append(self.and_())
-            t = toks[self.i]
-        items: list[ast.Expr] = []
-        for p in parts:
-            if type(p[0]) is ast.Or:
-                items.extend(p[0].items)
-            else:
-                items.append(p[0])
-        last = parts[-1]
-        span = ast.Span(self.path, first[1], first[2], last[3], last[4])
-        return ast.Or(tuple(items), span), first[1], first[2], last[3], last[4]
+        return self._chain("or", self.and_, ast.Or)
 
     def and_(self) -> _Ex:
-        first = self.not_()
+        return self._chain("and", self.not_, ast.And)
+
+    def _chain(
+        self, word: str, operand: Callable[[], _Ex], node: type[ast.Or] | type[ast.And]
+    ) -> _Ex:
+        """Operands joined by ``word`` (``or``/``and``), flattened into one ``node``."""
+        first = operand()
         toks = self.toks
         t = toks[self.i]
-        if t[0] != "w" or t[1] != "and":
+        if t[0] != "w" or t[1] != word:
             return first
         parts = [first]
-        while t[0] == "w" and t[1] == "and":
+        while t[0] == "w" and t[1] == word:
             self.i += 1
-            parts.append(self.not_())
+            parts.append(operand())
             t = toks[self.i]
         items: list[ast.Expr] = []
         for p in parts:
-            if type(p[0]) is ast.And:
+            if type(p[0]) is node:
                 items.extend(p[0].items)
             else:
                 items.append(p[0])
         last = parts[-1]
         span = ast.Span(self.path, first[1], first[2], last[3], last[4])
-        return ast.And(tuple(items), span), first[1], first[2], last[3], last[4]
+        return node(tuple(items), span), first[1], first[2], last[3], last[4]
 
     def not_(self) -> _Ex:
         t = self.toks[self.i]
