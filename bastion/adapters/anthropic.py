@@ -77,14 +77,7 @@ class MessagesRequest(LLMRequest):
     def keep_tools(self, names: Collection[str]) -> None:
         """Keep only the named tools; a ``tool_choice`` naming a removed tool becomes ``none``."""
         keep = set(names)
-        tools = self.body.get("tools")
-        if isinstance(tools, list):
-            kept = [t for t in tools if isinstance(t, dict) and t.get("name") in keep]
-            if kept:
-                self.body["tools"] = kept
-            else:
-                self.body.pop("tools", None)
-                self.body.pop("tool_choice", None)
+        self._keep_listed("tools", keep, ("tool_choice",))
         choice = self.body.get("tool_choice")
         if isinstance(choice, dict):
             if choice.get("type") == "tool" and choice.get("name") not in keep:

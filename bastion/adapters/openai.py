@@ -109,22 +109,8 @@ class ChatRequest(LLMRequest):
     def keep_tools(self, names: Collection[str]) -> None:
         """Keep only the named tools (and legacy ``functions``); drop ``tool_choice`` that names a removed one."""
         keep = set(names)
-        tools = self.body.get("tools")
-        if isinstance(tools, list):
-            kept = [t for t in tools if _chat_tool_name(t) in keep]
-            if kept:
-                self.body["tools"] = kept
-            else:
-                for key in ("tools", "tool_choice", "parallel_tool_calls"):
-                    self.body.pop(key, None)
-        functions = self.body.get("functions")
-        if isinstance(functions, list):
-            kept = [f for f in functions if isinstance(f, dict) and f.get("name") in keep]
-            if kept:
-                self.body["functions"] = kept
-            else:
-                self.body.pop("functions", None)
-                self.body.pop("function_call", None)
+        self._keep_listed("tools", keep, ("tool_choice", "parallel_tool_calls"), _chat_tool_name)
+        self._keep_listed("functions", keep, ("function_call",))
         choice = self.body.get("tool_choice")
         if isinstance(choice, dict):
             named = (
@@ -597,14 +583,9 @@ class ResponsesRequest(LLMRequest):
     def keep_tools(self, names: Collection[str]) -> None:
         """Keep only the named tools (built-in tools are named by their ``type``)."""
         keep = set(names)
-        tools = self.body.get("tools")
-        if isinstance(tools, list):
-            kept = [t for t in tools if _responses_tool_name(t) in keep]
-            if kept:
-                self.body["tools"] = kept
-            else:
-                for key in ("tools", "tool_choice", "parallel_tool_calls"):
-                    self.body.pop(key, None)
+        self._keep_listed(
+            "tools", keep, ("tool_choice", "parallel_tool_calls"), _responses_tool_name
+        )
         choice = self.body.get("tool_choice")
         if isinstance(choice, dict):
             named = choice.get("name") or (

@@ -31,7 +31,7 @@ import json
 import re
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -532,6 +532,28 @@ class LLMRequest:
     @property
     def stream(self) -> bool:
         return self.body.get("stream") is True
+
+    def _keep_listed(
+        self,
+        key: str,
+        keep: Collection[str],
+        drop_with: tuple[str, ...] = (),
+        name_of: Callable[[Any], str | None] | None = None,
+    ) -> None:
+        # Shared by the keep_tools of every protocol: a list left empty goes with
+        # the members that would name something in it (tool_choice...).
+        listed = self.body.get(key)
+        if not isinstance(listed, list):
+            return
+        if name_of is None:
+            kept = [e for e in listed if isinstance(e, dict) and e.get("name") in keep]
+        else:
+            kept = [e for e in listed if name_of(e) in keep]
+        if kept:
+            self.body[key] = kept
+        else:
+            for gone in (key, *drop_with):
+                self.body.pop(gone, None)
 
     def replace_tool_result(self, location: Location, content: str | list[Any]) -> None:
         """Replace one tool output (a ``ResultView.location``) with new content."""
