@@ -26,13 +26,13 @@ after every call before it is decided.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.adapters.sse import SSEEvent, encode_event
 from bastion.adapters.wire import (
     CallView,
     LLMRequest,
+    LLMResponse,
     ResultView,
     StreamRewriter,
     ToolSpecCache,
@@ -87,15 +87,14 @@ class MessagesRequest(LLMRequest):
         self.tools = [t for t in self.tools if t.name in keep]
 
 
-@dataclass
-class MessagesResponse:
-    """A parsed (non-streaming) ``message`` with its ``tool_use`` blocks."""
+class MessagesResponse(LLMResponse):
+    """A parsed (non-streaming) ``message`` with its ``tool_use`` blocks.
 
-    body: dict[str, Any]
-    calls: list[CallView] = field(default_factory=list)
+    A refused ``tool_use`` block (by id) becomes a text block carrying its
+    refusal; ``stop_reason`` becomes ``end_turn`` when no call is left.
+    """
 
-    def refuse(self, refusals: Mapping[str, str]) -> None:
-        """Replace each refused ``tool_use`` block (by id) with a text block carrying its refusal."""
+    def _refuse_in_body(self, refusals: Mapping[str, str]) -> None:
         content = self.body.get("content")
         if not isinstance(content, list):
             return
@@ -109,10 +108,6 @@ class MessagesResponse:
                     remaining_calls += 1
         if remaining_calls == 0 and self.body.get("stop_reason") == "tool_use":
             self.body["stop_reason"] = "end_turn"
-        self.calls = [v for v in self.calls if v.call.id not in refusals]
-
-    def to_bytes(self) -> bytes:
-        return dumps_compact(self.body)
 
 
 def _tool_spec(tool: Any) -> ToolSpec | None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.adapters.sse import SSEEvent, encode_event
@@ -43,6 +42,7 @@ from bastion.adapters.wire import (
     CallView,
     LazyArguments,
     LLMRequest,
+    LLMResponse,
     ResultView,
     StreamRewriter,
     ToolSpecCache,
@@ -158,15 +158,14 @@ _CALL_MARK = re.compile(rb"_call").search
 _USER_ROLES = ("system", "developer", "user")
 
 
-@dataclass
-class ChatResponse:
-    """A parsed (non-streaming) chat completion with its tool calls."""
+class ChatResponse(LLMResponse):
+    """A parsed (non-streaming) chat completion with its tool calls.
 
-    body: dict[str, Any]
-    calls: list[CallView] = field(default_factory=list)
+    A refused call leaves ``tool_calls`` and its text joins the message content;
+    ``finish_reason`` becomes ``stop`` when no call is left.
+    """
 
-    def refuse(self, refusals: Mapping[str, str]) -> None:
-        """Remove the calls whose ids are keys of ``refusals``; add each text to the message content."""
+    def _refuse_in_body(self, refusals: Mapping[str, str]) -> None:
         for choice in self.body.get("choices") or []:
             message = choice.get("message") if isinstance(choice, dict) else None
             if not isinstance(message, dict):
@@ -189,10 +188,6 @@ class ChatResponse:
                 message.pop("tool_calls", None)
                 if choice.get("finish_reason") == "tool_calls":
                     choice["finish_reason"] = "stop"
-        self.calls = [v for v in self.calls if v.call.id not in refusals]
-
-    def to_bytes(self) -> bytes:
-        return dumps_compact(self.body)
 
 
 def _call_view(call_id: str, name: str, raw: Any, position: tuple[int, ...]) -> CallView:
@@ -617,22 +612,16 @@ _CALL_ITEMS = {
 }
 
 
-@dataclass
-class ResponsesResponse:
-    """A parsed (non-streaming) Responses API ``response`` with its function calls."""
+class ResponsesResponse(LLMResponse):
+    """A parsed (non-streaming) Responses API ``response`` with its function calls.
 
-    body: dict[str, Any]
-    calls: list[CallView] = field(default_factory=list)
+    A refused ``function_call`` item (by ``call_id``) becomes a refusal message item.
+    """
 
-    def refuse(self, refusals: Mapping[str, str]) -> None:
-        """Replace each refused ``function_call`` item (by ``call_id``) with a refusal message item."""
+    def _refuse_in_body(self, refusals: Mapping[str, str]) -> None:
         output = self.body.get("output")
         if isinstance(output, list):
             self.body["output"] = _replace_refused(output, refusals)
-        self.calls = [v for v in self.calls if v.call.id not in refusals]
-
-    def to_bytes(self) -> bytes:
-        return dumps_compact(self.body)
 
 
 def _refusal_message(call_id: str, text: str, *, status: str = "completed") -> dict[str, Any]:

@@ -50,6 +50,7 @@ __all__ = [
     "BodyDecoder",
     "CallView",
     "LLMRequest",
+    "LLMResponse",
     "LazyArguments",
     "Location",
     "ResultView",
@@ -563,6 +564,29 @@ class LLMRequest:
         for key in location[:-1]:
             target = target[key]
         target[location[-1]] = content
+
+    def to_bytes(self) -> bytes:
+        return dumps_compact(self.body)
+
+
+@dataclass
+class LLMResponse:
+    """A parsed (non-streaming) LLM response with its tool calls; :meth:`refuse`, then :meth:`to_bytes`.
+
+    Each protocol's subclass says how a refused call leaves its body
+    (``_refuse_in_body``).
+    """
+
+    body: dict[str, Any]
+    calls: list[CallView] = field(default_factory=list)
+
+    def refuse(self, refusals: Mapping[str, str]) -> None:
+        """Take out the calls whose ids are keys of ``refusals``, each replaced by its refusal text."""
+        self._refuse_in_body(refusals)
+        self.calls = [v for v in self.calls if v.call.id not in refusals]
+
+    def _refuse_in_body(self, refusals: Mapping[str, str]) -> None:
+        raise NotImplementedError
 
     def to_bytes(self) -> bytes:
         return dumps_compact(self.body)
