@@ -64,16 +64,6 @@ def _library(request: Any) -> ModuleType:
     return module
 
 
-def _make_guard(
-    policy: Any, identity: Any, routes: Any, guard: Guard | None, options: Any
-) -> Guard:
-    if guard is not None:
-        return guard
-    if policy is None:
-        raise TypeError("a Bastion transport needs policy= (or guard=)")
-    return Guard(policy, identity=identity, routes=routes, **options)
-
-
 def _reply(lib: ModuleType, reply: Reply) -> Any:
     return lib.Response(reply.status, headers=reply.headers, content=reply.body)
 
@@ -202,13 +192,11 @@ def _transport_errors() -> type[BaseException]:
     return httpx.TransportError
 
 
-class AsyncBastionTransport(httpx.AsyncBaseTransport):
-    """An async transport that guards every request it forwards to ``transport``.
+class _GuardedTransport:
+    """What both transports share: the guard, and the transport they forward to."""
 
-    Options are those of :class:`~bastion.adapters.pipeline.Guard`
-    (``policy``, ``identity``, ``routes``, ``session``, ``on_decision``...), or
-    ``guard=`` for an already configured one.
-    """
+    # The wrapped library's transport to create when none was given.
+    _default_transport = ""
 
     def __init__(
         self,
@@ -220,13 +208,28 @@ class AsyncBastionTransport(httpx.AsyncBaseTransport):
         guard: Guard | None = None,
         **options: Any,
     ) -> None:
-        self.guard = _make_guard(policy, identity, routes, guard, options)
+        if guard is None:
+            if policy is None:
+                raise TypeError("a Bastion transport needs policy= (or guard=)")
+            guard = Guard(policy, identity=identity, routes=routes, **options)
+        self.guard = guard
         self._transport = transport
 
     def _inner(self, lib: ModuleType) -> Any:
         if self._transport is None:
-            self._transport = lib.AsyncHTTPTransport()
+            self._transport = getattr(lib, self._default_transport)()
         return self._transport
+
+
+class AsyncBastionTransport(_GuardedTransport, httpx.AsyncBaseTransport):
+    """An async transport that guards every request it forwards to ``transport``.
+
+    Options are those of :class:`~bastion.adapters.pipeline.Guard`
+    (``policy``, ``identity``, ``routes``, ``session``, ``on_decision``...), or
+    ``guard=`` for an already configured one.
+    """
+
+    _default_transport = "AsyncHTTPTransport"
 
     async def handle_async_request(self, request: Any) -> Any:
         lib = _library(request)
@@ -420,12 +423,14 @@ class _BackgroundLoop:
         return done.result()
 
 
-class BastionTransport(httpx.BaseTransport):
+class BastionTransport(_GuardedTransport, httpx.BaseTransport):
     """A sync transport that guards every request it forwards to ``transport``.
 
     Same options as :class:`AsyncBastionTransport`; see the module docstring for
     how the async pipeline runs under it.
     """
+
+    _default_transport = "HTTPTransport"
 
     def __init__(
         self,
@@ -437,16 +442,12 @@ class BastionTransport(httpx.BaseTransport):
         guard: Guard | None = None,
         **options: Any,
     ) -> None:
-        self.guard = _make_guard(policy, identity, routes, guard, options)
-        self._transport = transport
+        super().__init__(
+            transport, policy=policy, identity=identity, routes=routes, guard=guard, **options
+        )
         self._runner: _Runner = (
             _BackgroundLoop.shared() if self.guard.loop_bound else _CallerLoops()
         )
-
-    def _inner(self, lib: ModuleType) -> Any:
-        if self._transport is None:
-            self._transport = lib.HTTPTransport()
-        return self._transport
 
     def handle_request(self, request: Any) -> Any:
         lib = _library(request)
