@@ -196,17 +196,12 @@ class AnthropicCodec:
             for j, block in enumerate(content if isinstance(content, list) else []):
                 if not isinstance(block, dict) or block.get("type") != "tool_result":
                     continue
-                call_id = block.get("tool_use_id")
-                source = produced.get(call_id) if isinstance(call_id, str) else None
-                name, arguments = source or ("", {})
                 results.append(
-                    ResultView(
-                        call_id if isinstance(call_id, str) else None,
-                        name,
+                    ResultView.traced_to(
+                        produced,
+                        block.get("tool_use_id"),
                         block.get("content"),
-                        arguments,
                         ("messages", i, "content", j, "content"),
-                        source is not None,
                         is_error=block.get("is_error") is True,
                     )
                 )

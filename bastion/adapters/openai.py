@@ -277,17 +277,12 @@ class OpenAIChatCodec:
                 else:
                     user_texts.extend(_text_of(content))
             elif role == "tool":
-                call_id = message.get("tool_call_id")
-                source = produced.get(call_id) if isinstance(call_id, str) else None
-                name, args = source or ("", {})
                 results.append(
-                    ResultView(
-                        call_id if isinstance(call_id, str) else None,
-                        name,
+                    ResultView.traced_to(
+                        produced,
+                        message.get("tool_call_id"),
                         message.get("content"),
-                        args,
                         ("messages", i, "content"),
-                        source is not None,
                     )
                 )
             elif role == "function":
@@ -720,17 +715,12 @@ class OpenAIResponsesCodec:
                     view = _responses_call_view(item, (i,))
                     produced[view.call.id] = (view.call.name, dict(view.call.arguments))
                 elif kind in _CALL_ITEMS.values():
-                    call_id = item.get("call_id")
-                    source = produced.get(call_id) if isinstance(call_id, str) else None
-                    name, args = source or ("", {})
                     results.append(
-                        ResultView(
-                            call_id if isinstance(call_id, str) else None,
-                            name,
+                        ResultView.traced_to(
+                            produced,
+                            item.get("call_id"),
                             item.get("output"),
-                            args,
                             ("input", i, "output"),
-                            source is not None,
                         )
                     )
         elif items is not None:

@@ -495,6 +495,22 @@ class ResultView:
         self.is_error = is_error
         self._result: ToolResult | None = None
 
+    @classmethod
+    def traced_to(
+        cls,
+        produced: Mapping[str, tuple[str, Mapping[str, Any]]],
+        call_id: Any,
+        content: Any,
+        location: Location,
+        *,
+        is_error: bool = False,
+    ) -> ResultView:
+        """The output answering ``call_id``, traced to its call in ``produced`` (id: name, arguments)."""
+        own_id = call_id if isinstance(call_id, str) else None
+        source = produced.get(own_id) if own_id is not None else None
+        name, arguments = source or ("", {})
+        return cls(own_id, name, content, arguments, location, source is not None, is_error)
+
     @property
     def result(self) -> ToolResult:
         result = self._result
