@@ -7,7 +7,7 @@ Request (agent -> model)::
 
     req = OpenAIChatCodec.parse_request(body)        # or OpenAIResponsesCodec
     req.model, req.stream, req.tools (ToolSpec), req.user_texts
-    for view in req.tool_results:                    # ResultView: ToolResult + location
+    for view in req.tool_results:                    # ResultView: name, content, location
         ...  req.replace_tool_result(view.location, "[redacted]")
     req.keep_tools({"get_weather"})                  # visibility
     body = req.to_bytes()
