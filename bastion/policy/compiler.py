@@ -1795,6 +1795,16 @@ class CompiledPolicy:
             location=rule.location,
         )
 
+    def explain_matched(
+        self,
+        rules: Sequence[CRule],
+        env_for: Callable[[CRule], Env],
+        decide_from: Callable[[Sequence[CRule]], Decision],
+    ) -> Decision:
+        """``decide_from`` the rules that hold, with the trace of every rule's evaluation."""
+        results, traces = self.explain_rules(rules, env_for)
+        return decision_with_trace(decide_from([r for r, v in results if v is True]), traces)
+
     def explain_rules(
         self, rules: Sequence[CRule], env_for: Callable[[CRule], Env]
     ) -> tuple[list[tuple[CRule, Any]], list[RuleTrace]]:

@@ -319,12 +319,11 @@ class Policy:
         name = _name(tool)
         cl = cp.candidates("call", name)
         t = cp.tool_view_for(tool)
-        results, traces = cp.explain_rules(
+        return cp.explain_matched(
             cl.rules,
             lambda r: Env(r.kind, identity, args, t, context, request, None, cp.sets),
+            cp.decide_call_from,
         )
-        d = cp.decide_call_from([r for r, v in results if v is True])
-        return decision_with_trace(d, traces)
 
     def decide_visibility(
         self,
@@ -398,11 +397,11 @@ class Policy:
                 cl = cp.candidates("result", _name(tool))
                 t = cl.tool_view if isinstance(tool, str) else cp.tool_view_for(tool)
                 x = result_view(result)
-                results, traces = cp.explain_rules(
-                    cl.rules, lambda r: Env(r.kind, identity, args, t, context, request, x, cp.sets)
+                return cp.explain_matched(
+                    cl.rules,
+                    lambda r: Env(r.kind, identity, args, t, context, request, x, cp.sets),
+                    cp.decide_result_from,
                 )
-                d = cp.decide_result_from([r for r, v in results if v is True])
-                return decision_with_trace(d, traces)
             name = tool if isinstance(tool, str) else tool.name
             fn = cp.result_deciders.get(name) or cp.result_decider(name)
             return fn(identity, tool, args, result, context, request)
@@ -451,12 +450,11 @@ class Policy:
             if explain:
                 cl = cp.candidates("model", name)
                 x = model_view(model)
-                results, traces = cp.explain_rules(
+                return cp.explain_matched(
                     cl.rules,
                     lambda r: Env(r.kind, identity, MISSING, None, context, request, x, cp.sets),
+                    cp.decide_model_from,
                 )
-                d = cp.decide_model_from([r for r, v in results if v is True])
-                return decision_with_trace(d, traces)
             fn = cp.model_deciders.get(name) or cp.model_decider(name)
             return fn(identity, model, context, request)
         except Exception:
@@ -474,14 +472,13 @@ class Policy:
         cp = self._loaded.compiled
         try:
             if explain:
-                results, traces = cp.explain_rules(
+                return cp.explain_matched(
                     cp.context_rules,
                     lambda r: Env(
                         r.kind, identity, MISSING, None, EMPTY_CONTEXT, request, None, cp.sets
                     ),
+                    cp.decide_context_from,
                 )
-                d = cp.decide_context_from([r for r, v in results if v is True])
-                return decision_with_trace(d, traces)
             return (cp.context_fn or cp.context_decider())(identity, request)
         except Exception:
             log.exception("policy evaluation failed for the initial context; untrusted")
